@@ -14,7 +14,7 @@ from nbdev.config import get_config
 
 def run(path, flags=()):
     path = Path(path).resolve()
-    skip = set(get_config().tst_flags.split("|")) - set(flags)
+    skip = set(get_config().tst_flags.split()) - set(flags)
     nb = read_nb(path)
     def _skip(cell):
         if cell.cell_type != "code": return True
