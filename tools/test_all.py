@@ -7,7 +7,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-ENV = dict(os.environ, MPLBACKEND="Agg", TQDM_DISABLE="1", PYTHONHASHSEED="0")
+# one thread per process: nbdev_test runs two notebooks at once on a 2-core machine, and oversubscribed
+# OpenMP threads were measured 10-50x slower there
+ENV = dict(os.environ, MPLBACKEND="Agg", TQDM_DISABLE="1", PYTHONHASHSEED="0", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
 def sh(*args, capture=False):
     print("$", " ".join(map(str, args)), flush=True)
