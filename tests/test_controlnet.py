@@ -1,0 +1,89 @@
+"""The ControlNet command lines: config errors stop before any work, train -> resume -> refuse, infer writes NIfTI."""
+import json, os, subprocess, sys
+from pathlib import Path
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+torch.set_num_threads(1)
+
+def write_run(root:Path, n:int=4) -> dict:
+    "Random latents + phantom masks (32³), a ControlNet datalist, tiny UNet/autoencoder checkpoints, and the three configs."
+    import nibabel as nib
+    from maisi_nb.networks import build_networks, save_checkpoint
+    from maisi_nb.phantoms import make_phantom
+    rng = np.random.default_rng(0)
+    (root / "emb").mkdir(parents=True); (root / "lab").mkdir()
+    recs = []
+    for i in range(n):
+        ph = make_phantom((32, 32, 32), (8., 8., 8.), ("chest", "abdomen"), seed=i)
+        nib.save(nib.Nifti1Image(ph.label, ph.affine), str(root / "lab" / f"p{i}.nii.gz"))
+        nib.save(nib.Nifti1Image(rng.normal(size=(8, 8, 8, 4)).astype(np.float32), ph.affine), str(root / "emb" / f"p{i}_emb.nii.gz"))
+        recs.append({"image": f"emb/p{i}_emb.nii.gz", "label": f"lab/p{i}.nii.gz", "fold": i % 2, "dim": [8, 8, 8],
+                     "spacing": [8.0, 8.0, 8.0]})
+    (root / "datalist.json").write_text(json.dumps({"training": recs}))
+    nets = build_networks("tiny", "cpu", which=("autoencoder", "diffusion_unet"), seed=0)
+    save_checkpoint(nets.diffusion_unet, root / "unet.pt", "diffusion_unet", scale_factor=0.7)
+    save_checkpoint(nets.autoencoder, root / "ae.pt", "autoencoder")
+    env = {"model_dir": str(root / "models"), "output_dir": str(root / "out"), "tfevent_path": str(root / "tfevent"),
+           "trained_autoencoder_path": str(root / "ae.pt"), "trained_diffusion_path": str(root / "unet.pt"),
+           "trained_controlnet_path": None, "exp_name": "cn_test", "data_base_dir": [str(root)],
+           "json_data_list": [str(root / "datalist.json")]}
+    train = {"controlnet_train": {"batch_size": 1, "cache_rate": 0.0, "fold": 0, "lr": 1e-4, "n_epochs": 2,
+                                  "weighted_loss_label": [129], "weighted_loss": 100},
+             "controlnet_infer": {"num_inference_steps": 2, "autoencoder_sliding_window_infer_size": [80, 80, 80],
+                                  "autoencoder_sliding_window_infer_overlap": 0.4, "modality": 1}}
+    (root / "env.json").write_text(json.dumps(env)); (root / "train.json").write_text(json.dumps(train))
+    return {"env": str(root / "env.json"), "train": str(root / "train.json"), "env_dict": env}
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory): return write_run(tmp_path_factory.mktemp("cn"))
+
+def test_config_errors_stop_before_any_work(run, tmp_path):
+    from maisi_nb.controlnet import train_controlnet_cli, infer_controlnet_cli
+    base = ["-e", run["env"], "-c", "tiny", "-t", run["train"]]
+    with pytest.raises(ValueError, match="unknown key 'n_epoch'.*did you mean 'n_epochs'"): train_controlnet_cli(base + ["--set", "n_epoch=3"])
+    with pytest.raises(ValueError, match="weighted_loss_label: got 129"): train_controlnet_cli(base + ["--set", "weighted_loss_label=129"])
+    bad = tmp_path / "train.json"; bad.write_text(json.dumps({"controlnet_train": {"batchsize": 1}}))
+    with pytest.raises(ValueError, match="unknown key 'batchsize'"): train_controlnet_cli(["-e", run["env"], "-c", "tiny", "-t", str(bad)])
+    with pytest.raises(FileNotFoundError, match="trained_diffusion_path"): train_controlnet_cli(base + ["--set", "trained_diffusion_path=/nope.pt"])
+    with pytest.raises(FileNotFoundError, match="datalist"): train_controlnet_cli(base + ["--set", 'json_data_list=["/nope.json"]'])
+    with pytest.raises(ValueError, match="trained_controlnet_path is required"): infer_controlnet_cli(base)
+    assert not (Path(run["env_dict"]["model_dir"]) / "cn_test_current.pt").exists()
+
+def test_train_resume_refuse_then_infer(run):
+    from maisi_nb.controlnet import train_controlnet_cli, infer_controlnet_cli
+    from maisi_nb.networks import build_networks, load_checkpoint
+    models = Path(run["env_dict"]["model_dir"])
+    base = ["-e", run["env"], "-c", "tiny", "-t", run["train"], "--device", "cpu"]
+    h1 = train_controlnet_cli(base + ["--until_epoch", "1"])                 # upstream flag names
+    assert len(h1["epoch_loss"]) == 1 and torch.load(models / "cn_test_current.pt", weights_only=True)["epoch"] == 1
+    h2 = train_controlnet_cli(["--env_config", run["env"], "--model_def", "tiny", "--model_config", run["train"],
+                               "--device", "cpu", "--resume"])              # the other tools' flag names
+    assert len(h2["epoch_loss"]) == 2 and h2["epoch_loss"][0] == h1["epoch_loss"][0]
+    ck = torch.load(models / "cn_test_current.pt", weights_only=True)
+    assert sorted(ck) == ["controlnet_state_dict", "epoch", "loss"] and ck["epoch"] == 2
+    for f in ("cn_test_best.pt", "cn_test_current_resume.pt", "cn_test_loss.png"): assert (models / f).is_file(), f
+    assert len((Path(run["env_dict"]["tfevent_path"]) / "cn_test" / "metrics.jsonl").read_text().splitlines()) == 2
+    cn = build_networks("tiny", "cpu", which=("controlnet",)).controlnet
+    load_checkpoint(cn, models / "cn_test_best.pt", "controlnet")          # strict load of the released layout
+    with pytest.raises(FileExistsError, match="--resume"): train_controlnet_cli(base)
+    pairs = infer_controlnet_cli(base + ["--set", f"trained_controlnet_path={models / 'cn_test_current.pt'}"])
+    assert len(pairs) == 2                                                    # fold 0: records 0 and 2
+    import nibabel as nib
+    img, lab = nib.load(str(pairs[0][0])), nib.load(str(pairs[0][1]))
+    assert img.shape == (32, 32, 32) and img.get_data_dtype() == np.float32
+    assert np.allclose(img.affine, nib.load(str(Path(run["env_dict"]["data_base_dir"][0]) / "lab" / "p0.nii.gz")).affine)
+    hu = np.asarray(img.dataobj)
+    assert hu.min() >= -1000 and hu.max() <= 1000 and (hu[np.asarray(lab.dataobj) == 0] == -1000).all()
+    with pytest.raises(FileExistsError, match="overwrite"): infer_controlnet_cli(base + ["--set", f"trained_controlnet_path={models / 'cn_test_current.pt'}"])
+
+def test_entry_point_runs_as_a_process(run):
+    code = "import sys; from maisi_nb.controlnet import train_controlnet_cli; train_controlnet_cli(sys.argv[1:])"
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    r = subprocess.run([sys.executable, "-c", code, "--help"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "--environment-file" in r.stdout and "--set" in r.stdout
+    r = subprocess.run([sys.executable, "-c", code, "-e", run["env"], "-c", "tiny", "--set", "fold=-1"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "fold: got -1; expected an integer >= 0" in r.stderr
