@@ -1,4 +1,5 @@
 """ControlNet training under `torchrun` with two CPU processes (gloo): both ranks must end with identical weights."""
+from conftest import run_torchrun
 import json, os, socket, subprocess, sys, textwrap
 from pathlib import Path
 import numpy as np
@@ -51,10 +52,7 @@ def test_two_rank_controlnet_training_gives_identical_weights(tmp_path):
     write_records(tmp_path)
     (tmp_path / "worker.py").write_text(WORKER)
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONWARNINGS="ignore")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                        "--master_port", str(free_port()),
-                        str(tmp_path / "worker.py"), str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=120)
+    r = run_torchrun(tmp_path / "worker.py", tmp_path, cwd=ROOT, env=env, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     w0, w1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in range(2))
     h0, h1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2))

@@ -1,4 +1,5 @@
 """VAE training under torchrun: 2 CPU ranks (gloo) train a few steps and must end with identical weights."""
+from conftest import run_torchrun
 import json, os, subprocess, sys, textwrap
 from pathlib import Path
 import pytest
@@ -30,9 +31,7 @@ def test_two_rank_gloo_training_keeps_ranks_in_sync(tmp_path):
                  "val_interval=1", "cache=1.0"]
     script = tmp_path / "rank.py"; script.write_text(RANK_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONWARNINGS="ignore")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(script), str(tmp_path), json.dumps(overrides)],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    r = run_torchrun(script, tmp_path, json.dumps(overrides), cwd=tmp_path, env=env, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in (0, 1))
     assert r0["world_size"] == 2 and r0["n_train"] == 2
