@@ -45,8 +45,6 @@ def write_records(root:Path, n:int=4):
                      "dim": [8, 8, 8], "spacing": [1.0, 1.0, 1.0 + i]})
     (root / "controlnet.json").write_text(json.dumps({"training": recs}))
 
-def free_port() -> int:
-    with socket.socket() as s: s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
 
 def test_two_rank_controlnet_training_gives_identical_weights(tmp_path):
     write_records(tmp_path)
