@@ -25,3 +25,16 @@ def run_torchrun(script, *args, nproc=2, timeout=300, cwd=None, env=None):
         r = subprocess.CompletedProcess(cmd, p.returncode, out.read(), err.read())
     if timed_out: r.stderr += f"\n[run_torchrun] stopped after {timeout} s"
     return r
+
+def run_ranks(tmp_path, worker_src, cwd=None, timeout=300):
+    "Run a 2-rank worker script in `tmp_path`; check it succeeded; return each rank's saved weights and JSON record."
+    import json, torch
+    (tmp_path / "worker.py").write_text(worker_src)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONWARNINGS="ignore")
+    r = run_torchrun(tmp_path / "worker.py", tmp_path, cwd=cwd, env=env, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    weights = [torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in range(2)]
+    records = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    assert records[0]["world"] == records[1]["world"] == 2
+    for k in weights[0]: assert torch.equal(weights[0][k], weights[1][k]), f"ranks differ in {k}"
+    return weights, records
