@@ -504,6 +504,17 @@ def _load_models(cfg:dict, model_def, device, controlnet_path) -> tuple:
     return nets.diffusion_unet, nets.controlnet, nets.noise_scheduler, sf
 
 # %% ../nbs/03_controlnet.ipynb #c43983bd
+def _check_train_inputs(a) -> tuple:
+    "Config, training and validation records, checked against the network, before any network is built."
+    cfg, train, val = _prepare(a, need=("model_dir",))
+    t, env = cfg["controlnet_train"], cfg["environment"]
+    if not train: raise ValueError(f"fold: every record is in fold {t['fold']} (validation); nothing to train on")
+    paths = controlnet_checkpoint_paths(env["model_dir"], env["exp_name"])
+    if paths["current"].exists() and not (a.resume or a.overwrite):
+        raise FileExistsError(f"{paths['current']} exists; pass --resume to continue it or --overwrite to start again")
+    check_controlnet_records(train, build_networks(a.model_def, "meta", which=("diffusion_unet",)).diffusion_unet)
+    return cfg, train, val
+
 def train_controlnet_cli(argv=None):
     "Command line: train MAISI's ControlNet on latent/mask pairs (DDPM or rectified flow, from the network config)."
     p = _cli_parser("maisi_train_controlnet", train_controlnet_cli.__doc__)
@@ -511,13 +522,9 @@ def train_controlnet_cli(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace an existing run's checkpoints when not resuming")
     p.add_argument("--until_epoch", type=int, default=None, help="stop after this epoch (continue later with --resume)")
     a = p.parse_args(argv)
-    cfg, train, _ = _prepare(a, need=("model_dir",))
+    try: cfg, train, _ = _check_train_inputs(a)
+    except (ValueError, FileNotFoundError, FileExistsError) as e: p.error(str(e).strip("'\""))
     t, env, modality = cfg["controlnet_train"], cfg["environment"], cfg["controlnet_infer"]["modality"]
-    if not train: raise ValueError(f"fold: every record is in fold {t['fold']} (validation); nothing to train on")
-    paths = controlnet_checkpoint_paths(env["model_dir"], env["exp_name"])
-    if paths["current"].exists() and not (a.resume or a.overwrite):
-        raise FileExistsError(f"{paths['current']} exists; pass --resume to continue it or --overwrite to start again")
-    check_controlnet_records(train, build_networks(a.model_def, "meta", which=("diffusion_unet",)).diffusion_unet)
     device = init_distributed(a.device)
     unet, cn, sch, sf = _load_models(cfg, a.model_def, device, None if a.resume else env["trained_controlnet_path"])
     log = Path(env["tfevent_path"]) / env["exp_name"] / "metrics.jsonl" if env["tfevent_path"] else None
@@ -525,13 +532,15 @@ def train_controlnet_cli(argv=None):
                             cache_rate=t["cache_rate"], scale_factor=sf, weighted_loss_label=t["weighted_loss_label"],
                             weighted_loss=t["weighted_loss"], model_dir=env["model_dir"], exp_name=env["exp_name"],
                             resume=a.resume, overwrite=a.overwrite, until_epoch=a.until_epoch, modality=modality,
-                            seed=a.seed, device=device, amp=not a.no_amp, log_path=log)
+                            seed=a.seed, device=device, amp=device.type == "cuda" and not a.no_amp, log_path=log)
     if _dist_info()[0] == 0:
         import matplotlib; matplotlib.use("Agg")
         fig = plot_loss_curve(hist); fig.axes[0].set_title(f"ControlNet training loss ({env['exp_name']})")
         with atomic_path(Path(env["model_dir"]) / f"{env['exp_name']}_loss.png") as tmp: fig.savefig(tmp, dpi=100, format="png")
     if dist.is_initialized(): dist.destroy_process_group()
-    return hist
+    if _dist_info()[0] == 0: print(f"done: {len(hist['epoch_loss'])} epoch(s) this run, last loss {hist['epoch_loss'][-1]:.5g}, "
+                                   f"checkpoints in {env['model_dir']} ({env['exp_name']}_current.pt, _best.pt)")
+    return 0
 
 # %% ../nbs/03_controlnet.ipynb #5efb05a1
 def infer_controlnet_cli(argv=None):
@@ -539,16 +548,20 @@ def infer_controlnet_cli(argv=None):
     p = _cli_parser("maisi_infer_controlnet", infer_controlnet_cli.__doc__)
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     a = p.parse_args(argv)
-    cfg, _, val = _prepare(a, need=("output_dir", "trained_autoencoder_path", "trained_controlnet_path"))
+    try:
+        cfg, _, val = _prepare(a, need=("output_dir", "trained_autoencoder_path", "trained_controlnet_path"))
+        if not val: raise ValueError(f"fold: no record has fold {cfg['controlnet_train']['fold']}; nothing to generate from")
+        check_controlnet_records(val, build_networks(a.model_def, "meta", which=("diffusion_unet",)).diffusion_unet)
+    except (ValueError, FileNotFoundError) as e: p.error(str(e).strip("'\""))
     inf, env = cfg["controlnet_infer"], cfg["environment"]
-    if not val: raise ValueError(f"fold: no record has fold {cfg['controlnet_train']['fold']}; nothing to generate from")
-    check_controlnet_records(val, build_networks(a.model_def, "meta", which=("diffusion_unet",)).diffusion_unet)
     device = init_distributed(a.device)
     unet, cn, sch, sf = _load_models(cfg, a.model_def, device, env["trained_controlnet_path"])
     ae = build_networks(a.model_def, device, which=("autoencoder",)).autoencoder
     load_checkpoint(ae, env["trained_autoencoder_path"], "autoencoder")
     window = (inf["autoencoder_sliding_window_infer_size"], inf["autoencoder_sliding_window_infer_overlap"])
-    out = infer_controlnet(val, ae, unet, cn, sch, sf, env["output_dir"], inf["num_inference_steps"], window,
-                           inf["modality"], a.seed, a.overwrite, device)
+    try: out = infer_controlnet(val, ae, unet, cn, sch, sf, env["output_dir"], inf["num_inference_steps"], window,
+                                inf["modality"], a.seed, a.overwrite, device)
+    except FileExistsError as e: p.error(str(e))   # raised before any generation
     if dist.is_initialized(): dist.destroy_process_group()
-    return out
+    for img, lab in out: print(f"wrote {img} and {lab}")
+    return 0

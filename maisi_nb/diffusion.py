@@ -577,6 +577,10 @@ def _common_args(p:argparse.ArgumentParser):
     p.add_argument("--no_amp", action="store_true", help="no float16 autocast on CUDA")
     p.add_argument("--num_gpus", type=int, default=None, help="ignored: use torchrun --nproc_per_node")
 
+def _amp(a, device) -> bool:
+    "float16 autocast only on CUDA, unless --no_amp (on a CPU it would be slow and lossy)."
+    return device.type == "cuda" and not a.no_amp
+
 # %% ../nbs/02_diffusion_train.ipynb #d0e6b883
 def _validated(p:argparse.ArgumentParser, fn, *args, **kwargs):
     "Run a validation step; a bad input becomes a one-line command-line error (exit code 2) instead of a traceback."
@@ -605,7 +609,7 @@ def make_latents_cli(argv=None):
     vae = build_networks(a.model_def, device, which=("autoencoder",)).autoencoder
     load_checkpoint(vae, cfg["trained_autoencoder_path"], "autoencoder")
     make_latents(vae, cfg["json_data_list"], cfg["data_base_dir"], cfg["embedding_base_dir"], sample=a.sample,
-                 seed=a.seed, size_multiple=a.size_multiple, roi_size=a.roi_size, device=device, amp=not a.no_amp)
+                 seed=a.seed, size_multiple=a.size_multiple, roi_size=a.roi_size, device=device, amp=_amp(a, device))
     if dist.is_initialized(): dist.destroy_process_group()
     return 0
 
@@ -648,7 +652,7 @@ def train_diffusion_cli(argv=None):
     modality = int(a.modality) if str(a.modality).isdigit() else a.modality
     hist = train_diffusion(unet, scheduler, records, n_epochs=cfg["n_epochs"], lr=cfg["lr"], batch_size=cfg["batch_size"],
                            cache_rate=cfg["cache_rate"], ckpt_path=ckpt, resume=a.resume, overwrite=a.overwrite,
-                           scale_factor=scale_factor, modality=modality, seed=a.seed, device=device, amp=not a.no_amp)
+                           scale_factor=scale_factor, modality=modality, seed=a.seed, device=device, amp=_amp(a, device))
     if _dist_info()[0] == 0: _save_loss_plot(hist, ckpt.with_name(ckpt.stem + "_loss.png"))
     if dist.is_initialized(): dist.destroy_process_group()
     return 0

@@ -1,5 +1,5 @@
 """The ControlNet command lines: config errors stop before any work, train -> resume -> refuse, infer writes NIfTI."""
-import json, os, subprocess, sys
+import json, re, os, subprocess, sys
 from pathlib import Path
 import numpy as np
 import pytest
@@ -40,27 +40,39 @@ def write_run(root:Path, n:int=4) -> dict:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory): return write_run(tmp_path_factory.mktemp("cn"))
 
-def test_config_errors_stop_before_any_work(run, tmp_path):
+def _cli_error(capsys, fn, argv, pattern):
+    "The command exits with code 2 and a one-line message matching `pattern` (no traceback)."
+    with pytest.raises(SystemExit) as e: fn(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(pattern, err) and "Traceback" not in err, err
+
+def test_config_errors_stop_before_any_work(run, tmp_path, capsys):
     from maisi_nb.controlnet import train_controlnet_cli, infer_controlnet_cli
     base = ["-e", run["env"], "-c", "tiny", "-t", run["train"]]
-    with pytest.raises(ValueError, match="unknown key 'n_epoch'.*did you mean 'n_epochs'"): train_controlnet_cli(base + ["--set", "n_epoch=3"])
-    with pytest.raises(ValueError, match="weighted_loss_label: got 129"): train_controlnet_cli(base + ["--set", "weighted_loss_label=129"])
+    _cli_error(capsys, train_controlnet_cli, base + ["--set", "n_epoch=3"], "unknown key 'n_epoch'.*did you mean 'n_epochs'")
+    _cli_error(capsys, train_controlnet_cli, base + ["--set", "weighted_loss_label=129"], "weighted_loss_label: got 129")
     bad = tmp_path / "train.json"; bad.write_text(json.dumps({"controlnet_train": {"batchsize": 1}}))
-    with pytest.raises(ValueError, match="unknown key 'batchsize'"): train_controlnet_cli(["-e", run["env"], "-c", "tiny", "-t", str(bad)])
-    with pytest.raises(FileNotFoundError, match="trained_diffusion_path"): train_controlnet_cli(base + ["--set", "trained_diffusion_path=/nope.pt"])
-    with pytest.raises(FileNotFoundError, match="datalist"): train_controlnet_cli(base + ["--set", 'json_data_list=["/nope.json"]'])
-    with pytest.raises(ValueError, match="trained_controlnet_path is required"): infer_controlnet_cli(base)
+    _cli_error(capsys, train_controlnet_cli, ["-e", run["env"], "-c", "tiny", "-t", str(bad)], "unknown key 'batchsize'")
+    _cli_error(capsys, train_controlnet_cli, base + ["--set", "trained_diffusion_path=/nope.pt"], "trained_diffusion_path")
+    _cli_error(capsys, train_controlnet_cli, base + ["--set", 'json_data_list=["/nope.json"]'], "datalist")
+    _cli_error(capsys, infer_controlnet_cli, base, "trained_controlnet_path is required")
     assert not (Path(run["env_dict"]["model_dir"]) / "cn_test_current.pt").exists()
 
-def test_train_resume_refuse_then_infer(run):
+def _history(models):
+    return torch.load(models / "cn_test_current_resume.pt", weights_only=True)["history"]
+
+def test_train_resume_refuse_then_infer(run, capsys):
     from maisi_nb.controlnet import train_controlnet_cli, infer_controlnet_cli
     from maisi_nb.networks import build_networks, load_checkpoint
     models = Path(run["env_dict"]["model_dir"])
     base = ["-e", run["env"], "-c", "tiny", "-t", run["train"], "--device", "cpu"]
-    h1 = train_controlnet_cli(base + ["--until_epoch", "1"])                 # upstream flag names
+    assert train_controlnet_cli(base + ["--until_epoch", "1"]) == 0         # upstream flag names
+    h1 = _history(models)
     assert len(h1["epoch_loss"]) == 1 and torch.load(models / "cn_test_current.pt", weights_only=True)["epoch"] == 1
-    h2 = train_controlnet_cli(["--env_config", run["env"], "--model_def", "tiny", "--model_config", run["train"],
-                               "--device", "cpu", "--resume"])              # the other tools' flag names
+    assert train_controlnet_cli(["--env_config", run["env"], "--model_def", "tiny", "--model_config", run["train"],
+                                 "--device", "cpu", "--resume"]) == 0       # the other tools' flag names
+    h2 = _history(models)
     assert len(h2["epoch_loss"]) == 2 and h2["epoch_loss"][0] == h1["epoch_loss"][0]
     ck = torch.load(models / "cn_test_current.pt", weights_only=True)
     assert sorted(ck) == ["controlnet_state_dict", "epoch", "loss"] and ck["epoch"] == 2
@@ -68,8 +80,11 @@ def test_train_resume_refuse_then_infer(run):
     assert len((Path(run["env_dict"]["tfevent_path"]) / "cn_test" / "metrics.jsonl").read_text().splitlines()) == 2
     cn = build_networks("tiny", "cpu", which=("controlnet",)).controlnet
     load_checkpoint(cn, models / "cn_test_best.pt", "controlnet")          # strict load of the released layout
-    with pytest.raises(FileExistsError, match="--resume"): train_controlnet_cli(base)
-    pairs = infer_controlnet_cli(base + ["--set", f"trained_controlnet_path={models / 'cn_test_current.pt'}"])
+    _cli_error(capsys, train_controlnet_cli, base, "--resume")
+    capsys.readouterr()
+    assert infer_controlnet_cli(base + ["--set", f"trained_controlnet_path={models / 'cn_test_current.pt'}"]) == 0
+    out = capsys.readouterr().out
+    pairs = [tuple(Path(p) for p in re.match(r"wrote (\S+) and (\S+)", line).groups()) for line in out.splitlines() if line.startswith("wrote")]
     assert len(pairs) == 2                                                    # fold 0: records 0 and 2
     import nibabel as nib
     img, lab = nib.load(str(pairs[0][0])), nib.load(str(pairs[0][1]))
@@ -77,13 +92,16 @@ def test_train_resume_refuse_then_infer(run):
     assert np.allclose(img.affine, nib.load(str(Path(run["env_dict"]["data_base_dir"][0]) / "lab" / "p0.nii.gz")).affine)
     hu = np.asarray(img.dataobj)
     assert hu.min() >= -1000 and hu.max() <= 1000 and (hu[np.asarray(lab.dataobj) == 0] == -1000).all()
-    with pytest.raises(FileExistsError, match="overwrite"): infer_controlnet_cli(base + ["--set", f"trained_controlnet_path={models / 'cn_test_current.pt'}"])
+    _cli_error(capsys, infer_controlnet_cli, base + ["--set", f"trained_controlnet_path={models / 'cn_test_current.pt'}"], "overwrite")
 
-def test_entry_point_runs_as_a_process(run):
-    code = "import sys; from maisi_nb.controlnet import train_controlnet_cli; train_controlnet_cli(sys.argv[1:])"
+def test_entry_points_run_as_processes(run):
+    "The installed commands: --help works, a bad value exits 2 with a one-line message before any work."
+    import shutil
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
-    r = subprocess.run([sys.executable, "-c", code, "--help"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and "--environment-file" in r.stdout and "--set" in r.stdout
-    r = subprocess.run([sys.executable, "-c", code, "-e", run["env"], "-c", "tiny", "--set", "fold=-1"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and "fold: got -1; expected an integer >= 0" in r.stderr
+    for cmd in ("maisi_train_controlnet", "maisi_infer_controlnet"):
+        exe = shutil.which(cmd) or str(Path(sys.executable).parent / cmd)
+        r = subprocess.run([exe, "--help"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and "--environment-file" in r.stdout and "--set" in r.stdout, r.stderr
+        r = subprocess.run([exe, "-e", run["env"], "-c", "tiny", "--set", "fold=-1"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "fold: got -1; expected an integer >= 0" in r.stderr and "Traceback" not in r.stderr, r.stderr
