@@ -5,6 +5,7 @@
 # %% ../nbs/04_inference.ipynb #336c2a61
 from __future__ import annotations
 import argparse, contextlib, copy, datetime, io, json, os, platform, shutil, sys, time, warnings
+from importlib import resources
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np
@@ -138,7 +139,8 @@ def recommended_grid(body_region) -> tuple|None:
     return RECOMMENDED_GRIDS.get(key)
 
 # %% ../nbs/04_inference.ipynb #8aac3817
-def check_fov(body_region, output_size, spacing, low:float=0.75, high:float=1.5) -> str|None:
+def check_fov(body_region, output_size, spacing, low:float=0.75, high:float=1.5,
+              stacklevel:int=2) -> str|None: # warnings point this many frames up (the pipeline passes the user's call)
     "Warn (and return the message) when the field of view is far from what MAISI recommends for `body_region`."
     rec = recommended_grid(body_region)
     if rec is None: return None
@@ -150,7 +152,7 @@ def check_fov(body_region, output_size, spacing, low:float=0.75, high:float=1.5)
     msg = (f"output_size {list(output_size)} × spacing {list(spacing)} mm covers {fmt(fov)} mm, but body_region "
            f"{_as_list(body_region)} was trained on about {fmt(good)} mm (MAISI README: output_size {list(rec[0])} at "
            f"spacing {list(rec[1])} mm); for output_size {list(output_size)} the recommended spacing is {suggest} mm")
-    warnings.warn(msg, stacklevel=2)
+    warnings.warn(msg, stacklevel=stacklevel)
     return msg
 
 # %% ../nbs/04_inference.ipynb #9dc6605d
@@ -478,6 +480,7 @@ class GenerationPlan:
     user_mask: dict|None = None  # the prepared user mask
     records: list|None = None  # database: records for the samples, then spares
     files: list|None = None  # per sample {kind: Path} when writing
+    latents: torch.Tensor|None = None  # (N,C,X/4,Y/4,Z/4) starting noise of each sample's first attempt
 
 @patch
 def resolve_scheduler(self:MaisiPipeline, scheduler=None):
@@ -513,6 +516,16 @@ def check_outputs_free(files:list, overwrite:bool=False) -> None:
                               "overwrite=True (--overwrite), another output_dir or another seed")
 
 # %% ../nbs/04_inference.ipynb #a58f1fc5
+@patch
+def _check_latents(self:MaisiPipeline, latents, c:dict) -> torch.Tensor|None:
+    "Given starting latents as a float tensor of the shape this request samples, or None."
+    if latents is None: return None
+    want = (c["num_output_samples"], self.diffusion_unet.in_channels, *[s // 4 for s in c["output_size"]])
+    if not isinstance(latents, torch.Tensor) or not latents.is_floating_point() or tuple(latents.shape) != want:
+        got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+        raise ValueError(f"latents: expected a float tensor of shape {want} (num_output_samples, channels, output_size / 4), got {got}")
+    return latents.detach().float().cpu()
+
 def _check_options(label_ids, max_attempts, seed) -> None:
     if label_ids not in ("global", "anatomy_list"): raise ValueError(f"label_ids: expected 'global' or 'anatomy_list', got {label_ids!r}")
     _int_in(max_attempts, "max_attempts", 1, 20)
@@ -532,7 +545,7 @@ def _check_splits(self:MaisiPipeline, c:dict) -> None:
 @patch
 def prepare(self:MaisiPipeline, config:dict, seed:int|None=None, scheduler=None, mask=None, mask_source:str|None=None,
             label_ids:str="global", augment:bool=True, qc:bool=True, max_attempts:int=3, output_dir=None,
-            overwrite:bool=False, output_prefix:str="sample", preview:bool=True) -> GenerationPlan:
+            overwrite:bool=False, output_prefix:str="sample", preview:bool=True, latents=None) -> GenerationPlan:
     "Check a request completely (settings, grid, mask source, output files) without heavy work."
     c = check_infer_config(config)
     _check_options(label_ids, max_attempts, seed)
@@ -548,13 +561,14 @@ def prepare(self:MaisiPipeline, config:dict, seed:int|None=None, scheduler=None,
         raise ValueError("label_ids: 'anatomy_list' numbers the anatomy_list entries 1..N, but anatomy_list is empty")
     self._check_splits(c)
     sched = self.resolve_scheduler(scheduler)
-    if src in ("database", "phantom") and c["body_region"]: check_fov(c["body_region"], c["output_size"], c["spacing"])
+    if src in ("database", "phantom") and c["body_region"] and self.limits == MAISI_LIMITS:  # MAISI's training FOVs
+        check_fov(c["body_region"], c["output_size"], c["spacing"], stacklevel=4)   # points at the user's pipeline(...) call
     seed = int(np.random.SeedSequence().entropy % 2**31) if seed is None else int(seed)
     n, opts = c["num_output_samples"], dict(label_ids=label_ids, augment=augment, qc=qc, max_attempts=max_attempts,
         scheduler="rflow" if is_rflow(sched) else "ddpm", mask=None if mask is None else str(mask) if isinstance(mask, (str, Path)) else "<array>")
     files = None if output_dir is None else output_files(output_dir, output_prefix, seed, n, c["image_output_ext"], c["label_output_ext"], preview)
     if files: check_outputs_free(files, overwrite)
-    plan = GenerationPlan(c, src, sched, seed, opts, files=files)
+    plan = GenerationPlan(c, src, sched, seed, opts, files=files, latents=self._check_latents(latents, c))
     if src == "user": plan.user_mask = self.user_mask(mask, c["output_size"], c["spacing"], c["anatomy_list"], c["body_region"])
     if src == "database": plan.records = self.database_candidates(c["body_region"], c["anatomy_list"], c["output_size"],
                                                                    c["spacing"], n, make_generator(seed))
@@ -588,7 +602,8 @@ def _step_callback(callback, stage:str, sample:int, attempt:int, n:int):
 @patch
 def sample_image(self:MaisiPipeline, ms:dict, # a mask sample (see the mask sources)
                  plan:GenerationPlan, seed:int, # noise seed
-                 callback=None, progress_bar:bool=True) -> tuple:
+                 callback=None, progress_bar:bool=True,
+                 latents:torch.Tensor=None) -> tuple: # (1,C,x,y,z) starting noise instead of drawing it from `seed`
     "(HU volume (X,Y,Z) float32 on the CPU, {'sampling', 'decode'} seconds) for one mask sample and noise seed."
     c, dev, unet = plan.config, self.device, self.diffusion_unet
     if getattr(unet, "include_top_region_index_input", False) and ms["top_region_index"] is None:
@@ -603,7 +618,7 @@ def sample_image(self:MaisiPipeline, ms:dict, # a mask sample (see the mask sour
                            spacing=ms["spacing"], top_region_index=ms["top_region_index"],
                            bottom_region_index=ms["bottom_region_index"], modality=c["modality"],
                            controlnet=self.controlnet, controlnet_cond=labels_to_bits(lab), num_inference_steps=n,
-                           seed=seed, device=dev, dtype=getattr(torch, dtype) if dtype else None, callback=callback,
+                           seed=seed, latents=latents, device=dev, dtype=getattr(torch, dtype) if dtype else None, callback=callback,
                            progress_bar=progress_bar)
     t1 = time.perf_counter()
     hu = to_hu(self.decode(z, c), lab)[0, 0].float().cpu()
@@ -684,12 +699,15 @@ def _generate_sample(self:MaisiPipeline, plan:GenerationPlan, i:int, spares:list
     for k in range(opts["max_attempts"]):
         noise = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
         hu, tt = self.sample_image(ms, plan, noise, _step_callback(callback, "image", i, k, c["num_inference_steps"] or
-                                   (30 if opts["scheduler"] == "rflow" else 1000)), progress_bar)
+                                   (30 if opts["scheduler"] == "rflow" else 1000)), progress_bar,
+                                   plan.latents[i:i + 1] if plan.latents is not None and k == 0 else None)
         for key in tt: t[key] += tt[key]
         tic = time.perf_counter()
         q = quality_check(hu, ms["label"][0, 0].cpu(), statistics=self.qc_statistics) if opts["qc"] else None
         t["qc"] += time.perf_counter() - tic
-        attempts.append({"attempt": k + 1, "noise_seed": noise, "mask": ms["info"].get("file", ms["info"]["source"]),
+        given = plan.latents is not None and k == 0
+        attempts.append({"attempt": k + 1, "noise_seed": None if given else noise, "latents": "given" if given else "seed",
+                         "mask": ms["info"].get("file", ms["info"]["source"]),
                          "qc_passed": None if q is None else q.passed, "qc_failed": [] if q is None else q.failed,
                          "seconds": round(sum(tt.values()), 3)})
         bad = 0 if q is None else len(q.failed)
@@ -752,11 +770,13 @@ def __call__(self:MaisiPipeline,
              augment:bool=True, # move database masks' tumours at random (seeded)
              qc:bool=True, max_attempts:int=3, # quality check and the bounded number of tries per sample
              output_dir=None, overwrite:bool=False, output_prefix:str="sample", preview:bool=True, # writing
-             progress_bar:bool=True) -> GenerationResult:
+             progress_bar:bool=True,
+             latents:torch.Tensor=None, # (num_output_samples,4,X/4,Y/4,Z/4) starting noise of each first attempt (retries draw from the seed)
+            ) -> GenerationResult:
     "Generate CT volumes (HU) with their masks and quality checks; written to `output_dir` when given."
     config = {k: v for k, v in locals().items() if k in INFER_DEFAULTS}
     plan = self.prepare(config, seed, scheduler, mask, mask_source, label_ids, augment, qc, max_attempts, output_dir,
-                        overwrite, output_prefix, preview)
+                        overwrite, output_prefix, preview, latents)
     return self.run(plan, callback, progress_bar)
 
 # %% ../nbs/04_inference.ipynb #f19892da
@@ -848,7 +868,7 @@ def from_pretrained(cls:MaisiPipeline, directory, # released MAISI folder, or on
             if meta.get(k): opts[k] = d / meta[k]
         version = version or meta.get("version")
     nets = load_pretrained(d, version=version, device=device)
-    return cls(nets, source=str(d), **(opts | kwargs))
+    return cls(nets, **({"source": str(d)} | opts | kwargs))
 
 # %% ../nbs/04_inference.ipynb #687978a7
 def _copy_mask_database(database, mask_dir, d:Path, overwrite:bool) -> None:
@@ -881,14 +901,14 @@ def save_pretrained(self:MaisiPipeline, directory, overwrite:bool=False, include
 NO_WEIGHTS_MESSAGE = "NO TRAINED WEIGHTS: using the untrained tiny preset; output is noise-like"
 
 def demo_model_dir(package_dir=None) -> Path|None:
-    "The bundled demo model (`<package>/demo_model/` holding a pipeline.json), or None while there is none."
-    d = Path(package_dir or Path(maisi_nb.__file__).parent) / "demo_model"
+    "The bundled demo model (package data `maisi_nb/demo_model/`, found with importlib.resources), or None."
+    d = Path(package_dir) / "demo_model" if package_dir else Path(str(resources.files("maisi_nb").joinpath("demo_model")))
     return d if (d / PIPELINE_FILE).is_file() else None
 
 def default_pipeline(device=None, package_dir=None) -> MaisiPipeline:
     "The bundled demo model, else the untrained tiny preset (with a plain warning on stdout)."
     d = demo_model_dir(package_dir)
-    if d is not None: return MaisiPipeline.from_pretrained(d, device=device)
+    if d is not None: return MaisiPipeline.from_pretrained(d, device=device, source=f"maisi_nb demo model ({d})")
     print(NO_WEIGHTS_MESSAGE)
     return MaisiPipeline.from_preset("tiny", device=device, seed=0)
 
@@ -1097,8 +1117,9 @@ class SliceViewer:
 # %% ../nbs/04_inference.ipynb #a343ef63
 class GenerationPanel:
     "An ipywidgets panel: settings -> Generate (with progress) -> slice viewer, QC table and a Save button."
-    def __init__(self, pipeline:MaisiPipeline, output_dir="output"):
-        W, p = _widgets(), pipeline
+    def __init__(self, pipeline:MaisiPipeline=None, # None: the bundled demo model (`default_pipeline`)
+                 output_dir="output"):
+        W, p = _widgets(), default_pipeline() if pipeline is None else pipeline
         self.pipeline, self.result, self.viewer = p, None, None
         self.body_region = W.SelectMultiple(options=BODY_REGIONS, value=("chest", "abdomen"), description="body region")
         self.anatomy = W.SelectMultiple(options=sorted(n for n, _ in LABELS.values()), description="anatomy", rows=6)
