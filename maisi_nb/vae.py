@@ -465,7 +465,8 @@ def train_epoch(self:VAETrainer, loader, steps:int) -> dict:
         if n >= steps: break
         for k, v in self.train_step(batch["image"]).items(): s[k] += v
         n += 1
-    self.sched_g.step(); self.sched_d.step()
+    self.sched_g.step()
+    if self.cfg["adv_weight"] > 0: self.sched_d.step()   # the discriminator only trains (and steps) with an adversarial term
     s = _all_reduce({**s, "n": n}, self.device); n = s.pop("n")
     return {k: v / n for k, v in s.items()}
 
