@@ -534,8 +534,9 @@ def train_controlnet_cli(argv=None):
                             resume=a.resume, overwrite=a.overwrite, until_epoch=a.until_epoch, modality=modality,
                             seed=a.seed, device=device, amp=device.type == "cuda" and not a.no_amp, log_path=log)
     if _dist_info()[0] == 0:
-        import matplotlib; matplotlib.use("Agg")
-        fig = plot_loss_curve(hist); fig.axes[0].set_title(f"ControlNet training loss ({env['exp_name']})")
+        from matplotlib.figure import Figure   # off-screen: no pyplot state, no backend switch in a notebook
+        fig = Figure(figsize=(5, 3), layout="tight"); plot_loss_curve(hist, fig.subplots())
+        fig.axes[0].set_title(f"ControlNet training loss ({env['exp_name']})")
         with atomic_path(Path(env["model_dir"]) / f"{env['exp_name']}_loss.png") as tmp: fig.savefig(tmp, dpi=100, format="png")
     if dist.is_initialized(): dist.destroy_process_group()
     if _dist_info()[0] == 0: print(f"done: {len(hist['epoch_loss'])} epoch(s) this run, last loss {hist['epoch_loss'][-1]:.5g}, "
