@@ -83,12 +83,16 @@ def test_same_seed_same_files(maisi_folder, tmp_path):
     for kind in ("image.nii.gz", "label.nii.gz", "preview.png"):
         assert digest(tmp_path / "a" / f"sample_seed11_000_{kind}") == digest(tmp_path / "b" / f"sample_seed11_000_{kind}")
 
-def test_no_weights_falls_back_or_uses_demo(tmp_path):
-    r = run_cli(*GRID, "-s", "1", "-o", tmp_path)
+def test_no_weights_uses_the_bundled_demo_model(tmp_path):
+    "The demo model ships as package data; without a weights argument `maisi_generate` uses it on its own grid."
+    d = demo_model_dir()
+    assert d is not None and (d / "MODEL_CARD.md").is_file(), "maisi_nb/demo_model/ is missing from the package"
+    r = run_cli("-s", "1", "-o", tmp_path)
     assert r.returncode == 0, r.stderr
-    if demo_model_dir() is None: assert NO_WEIGHTS_MESSAGE in r.stdout
-    else: assert NO_WEIGHTS_MESSAGE not in r.stdout
-    assert (tmp_path / "sample_seed1_000_image.nii.gz").exists()
+    assert NO_WEIGHTS_MESSAGE not in r.stdout
+    side = json.loads((tmp_path / "sample_seed1_000.json").read_text())
+    assert side["model"]["source"].startswith("maisi_nb demo model"), side["model"]
+    assert side["output_size"] == [64, 64, 64] and side["spacing"] == [6.0, 6.0, 6.0]
 
 def call(capsys, *args):
     rc = generate_cli([str(a) for a in args])

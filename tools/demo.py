@@ -1,7 +1,8 @@
 """`make demo`: generate one CT + mask with the bundled demo model into outputs/demo.
 
-Until the demo model is trained and bundled (maisi_nb/demo_model/), `maisi_generate` falls back to the untrained
-`tiny` preset and says so plainly: the files are then noise-like, but every stage of the pipeline runs.
+`maisi_generate` without a weights argument uses the demo model shipped in `maisi_nb/demo_model/` (64³ at 6 mm,
+chest and abdomen; see its MODEL_CARD.md). It writes the image and label NIfTI, a PNG preview and a JSON sidecar.
+Extra arguments go to `maisi_generate`, e.g. `python tools/demo.py --seed 3 --body-region chest`.
 """
 import sys, time
 from maisi_nb.inference import generate_cli
