@@ -99,7 +99,8 @@ def test_entry_points_run_as_processes(run):
     import shutil
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
     for cmd in ("maisi_train_controlnet", "maisi_infer_controlnet"):
-        exe = shutil.which(cmd) or str(Path(sys.executable).parent / cmd)
+        exe = Path(sys.executable).parent / cmd      # this environment's command (a PATH lookup may find another one)
+        exe = str(exe) if exe.is_file() else shutil.which(cmd)
         r = subprocess.run([exe, "--help"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0 and "--environment-file" in r.stdout and "--set" in r.stdout, r.stderr
         r = subprocess.run([exe, "-e", run["env"], "-c", "tiny", "--set", "fold=-1"], cwd=ROOT, env=env,
