@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 import monai
 from monai.networks.utils import copy_model_state
 from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
-from .utils import default_device, make_generator, progress, atomic_path, save_json, save_nifti, torch_save
+from .utils import default_device, make_generator, progress, atomic_path, load_nifti, save_json, save_nifti, torch_save
 from .labels import labels_to_bits, region_indices_from_mask, MODALITIES
 from .data import controlnet_transforms, read_datalist, split_by_fold, write_datalist, REGION_KEYS
 from .networks import load_checkpoint, save_checkpoint, build_networks, decode_latents, to_hu, read_checkpoint

@@ -106,3 +106,13 @@ def test_entry_points_run_as_processes(run):
         r = subprocess.run([exe, "-e", run["env"], "-c", "tiny", "--set", "fold=-1"], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and "fold: got -1; expected an integer >= 0" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+def test_expected_hu_reads_nifti_paths(tmp_path):
+    "The exported function (not the notebook's namespace) loads NIfTI paths; same result as from arrays."
+    from maisi_nb.controlnet import expected_hu
+    from maisi_nb.phantoms import make_phantom
+    from maisi_nb.utils import save_nifti
+    p = make_phantom((32, 32, 32), (12., 12., 12.), ("chest", "abdomen"), seed=0)
+    save_nifti(p.image.astype(np.float32), p.affine, tmp_path / "img.nii.gz"); save_nifti(p.label, p.affine, tmp_path / "lab.nii.gz")
+    from_files = expected_hu([(tmp_path / "img.nii.gz", str(tmp_path / "lab.nii.gz"))])
+    assert from_files and from_files == expected_hu([(p.image.astype(np.float32), p.label)])
