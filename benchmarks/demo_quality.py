@@ -13,7 +13,7 @@ all networks untrained.
 import argparse, json, sys, time
 from pathlib import Path
 import torch
-from maisi_nb.demo import DEMO_NETWORK, DEMO_ROLES, evaluate_demo
+from maisi_nb.demo import DEMO_NETWORK, DEMO_ROLES, evaluate_demo, without_controlnet
 from maisi_nb.inference import MaisiPipeline, SMALL_LIMITS, demo_model_dir
 from maisi_nb.networks import build_networks
 
@@ -40,10 +40,7 @@ def main(argv=None):
              "|---|---|---|---|---|---|", row("demo model (trained)", demo)]
     out = {"demo": demo}
     if not a.no_baseline:
-        # trained autoencoder and UNet, untrained ControlNet: its zero output convolutions leave the UNet unconditioned
-        blind = MaisiPipeline.from_pretrained(d, device="cpu")
-        blind.networks.controlnet = build_networks(DEMO_NETWORK, "cpu", which=("controlnet",), seed=0).controlnet
-        m = evaluate_demo(blind, recipe, n=a.n, progress_bar=False)
+        m = evaluate_demo(without_controlnet(pipe), recipe, n=a.n, progress_bar=False)   # the UNet ignores the mask
         lines.append(row("trained, ControlNet untrained (no mask)", m)); out["no_controlnet"] = m
         nets = build_networks(DEMO_NETWORK, "cpu", which=DEMO_ROLES, seed=0)
         nets.scale_factor = pipe.scale_factor
