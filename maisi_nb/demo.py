@@ -15,7 +15,7 @@ from .vae import train_vae_cli
 from .diffusion import make_latents_cli, train_diffusion_cli
 from .controlnet import make_controlnet_datalist, train_controlnet_cli
 from .inference import PIPELINE_FILE, MaisiPipeline, SMALL_LIMITS, demo_model_dir
-from .qc import reconstruction_metrics
+from .features import reconstruction_metrics
 from .utils import atomic_path, progress, save_json
 
 # %% auto #0

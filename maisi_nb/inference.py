@@ -24,7 +24,7 @@ from .masks import (to_anatomy_ids, check_controllable_anatomy_size, prepare_siz
                             generated_mask_to_sample, find_masks, find_closest_masks, select_masks, read_mask_record,
                             augment_mask, prepare_user_mask, mask_sample, body_region_vectors, load_mask_database,
                             AnatomyLostError)
-from .qc import quality_check, QCResult
+from .hu_qc import quality_check, QCResult
 from .phantoms import make_phantom, show_ct, WINDOWS, parse_regions
 
 # %% auto #0

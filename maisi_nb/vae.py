@@ -21,7 +21,7 @@ from monai.metrics import PSNRMetric, SSIMMetric
 from monai.networks.nets import PatchDiscriminator
 from .data import VAEModalityTransform, read_datalist, split_by_fold, vae_transforms, validate_dataset
 from .networks import build_networks, load_checkpoint as load_network_checkpoint
-from .qc import load_hed_vgg16, preprocess_slices
+from .features import load_hed_vgg16, preprocess_slices
 from .utils import atomic_path, default_device, make_generator, progress, randn, torch_save
 
 # %% auto #0

