@@ -21,109 +21,17 @@ from .utils import (in_test, progress, default_device, make_generator, randn, at
                             torch_save, spacing_from_affine, save_nifti, load_nifti)
 from .labels import MODALITIES, region_indices_from_mask
 from .data import latent_transforms, diffusion_transforms, REGION_KEYS
+from .sampling import (make_scheduler, is_rflow, set_inference_timesteps, unwrap_model, model_conditioning,
+                               unet_forward, make_generators, batch_randn, ddpm_step, sample_latents)
 from .networks import (build_networks, load_network_config, load_checkpoint, save_checkpoint, decode_latents, to_hu,
                                autoencoder_settings, current_splits, valid_num_splits)
 
 # %% auto #0
-__all__ = ['LATENT_DATALIST', 'ENV_KEYS', 'TRAIN_KEYS', 'INFER_KEYS', 'make_scheduler', 'is_rflow', 'set_inference_timesteps',
-           'unwrap_model', 'model_conditioning', 'unet_forward', 'sample_train_timesteps', 'training_target',
-           'diffusion_loss', 'make_generators', 'batch_randn', 'ddpm_step', 'sample_latents', 'encode_latent',
-           'embedding_name', 'make_latents', 'compute_scale_factor', 'load_diffusion_config', 'latent_records',
-           'check_records', 'latent_dataset', 'latent_loader', 'resume_path', 'save_diffusion_checkpoint',
-           'plot_loss_curve', 'train_one_epoch', 'train_diffusion', 'generate_images', 'init_distributed',
-           'make_latents_cli', 'train_diffusion_cli']
-
-# %% ../nbs/02_diffusion_train.ipynb #4e9807b8
-def make_scheduler(kind:str="rflow", # "ddpm" (first release) or "rflow" (rectified flow)
-                  ):
-    "MONAI's DDPM or rectified-flow scheduler with MAISI's settings."
-    if kind not in ("ddpm", "rflow"): raise ValueError(f"scheduler kind: got {kind!r}; allowed: 'ddpm', 'rflow'")
-    return build_networks(f"maisi-{kind}", "cpu", which=("noise_scheduler",)).noise_scheduler
-
-def is_rflow(scheduler) -> bool:
-    "True for a rectified-flow scheduler, False for DDPM."
-    if isinstance(scheduler, RFlowScheduler): return True
-    if isinstance(scheduler, DDPMScheduler): return False
-    raise TypeError(f"scheduler: expected MONAI DDPMScheduler or RFlowScheduler, got {type(scheduler).__name__}")
-
-# %% ../nbs/02_diffusion_train.ipynb #4947d973
-def set_inference_timesteps(scheduler, num_inference_steps:int,
-                            latent_spatial_shape, # (X,Y,Z) of the latent, used by rectified flow's time shift
-                            device=None) -> tuple:
-    "Set the scheduler's timesteps for sampling and return (timesteps, next timesteps with 0 appended)."
-    if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= scheduler.num_train_timesteps:
-        raise ValueError(f"num_inference_steps: got {num_inference_steps!r}; allowed: an integer in "
-                         f"1..{scheduler.num_train_timesteps}")
-    if is_rflow(scheduler):
-        scheduler.set_timesteps(num_inference_steps, input_img_size_numel=int(np.prod(latent_spatial_shape)))
-    else:
-        if num_inference_steps < scheduler.num_train_timesteps:
-            warnings.warn(f"DDPM sampling with num_inference_steps={num_inference_steps} < "
-                          f"{scheduler.num_train_timesteps}: MONAI's DDPM step does not account for skipped steps; "
-                          "expect degraded images (use 1000, or a rectified-flow model for few steps)")
-        scheduler.set_timesteps(num_inference_steps)
-    ts = scheduler.timesteps
-    return ts, torch.cat([ts[1:], torch.zeros(1, dtype=ts.dtype, device=ts.device)])
-
-# %% ../nbs/02_diffusion_train.ipynb #06137378
-def unwrap_model(model):
-    "The module inside a `DistributedDataParallel`/`DataParallel` wrapper (or the model itself)."
-    return model.module if isinstance(model, (DistributedDataParallel, torch.nn.DataParallel)) else model
-
-def _rows(value, n:int, batch_size:int, field:str, device=None) -> torch.Tensor:
-    "`value` as a float (B,n) tensor; a length-n vector is repeated for the batch."
-    v = torch.as_tensor(value, dtype=torch.float32)
-    if v.ndim == 1 and v.numel() == n: v = v.expand(batch_size, n)
-    if tuple(v.shape) != (batch_size, n):
-        raise ValueError(f"{field}: expected {n} values or a ({batch_size},{n}) array, got shape {tuple(v.shape)}")
-    return v.to(device)
-
-def _class_labels(modality, batch_size:int, num_class_embeds:int, device=None) -> torch.Tensor:
-    "Modality ids (name, id, or per-sample ids) as a long (B,) tensor."
-    if isinstance(modality, str):
-        if modality.lower() not in MODALITIES:
-            raise ValueError(f"modality: unknown name {modality!r}; allowed: {', '.join(MODALITIES)}")
-        modality = MODALITIES[modality.lower()]
-    m = torch.as_tensor(modality, dtype=torch.long).reshape(-1)
-    if m.numel() == 1: m = m.expand(batch_size)
-    if m.shape != (batch_size,) or m.min() < 0 or m.max() >= num_class_embeds:
-        raise ValueError(f"modality: expected one id or {batch_size} ids in 0..{num_class_embeds - 1}, got {modality!r}")
-    return m.to(device)
-
-# %% ../nbs/02_diffusion_train.ipynb #d6af5a66
-def model_conditioning(model, # diffusion UNet or ControlNet (possibly DDP-wrapped)
-                       batch_size:int,
-                       spacing=None, # (3,) or (B,3) voxel spacing in mm
-                       top_region_index=None, # (4,) or (B,4) one-hot body region of the top slice
-                       bottom_region_index=None, # (4,) or (B,4) one-hot body region of the bottom slice
-                       modality=1, # modality id or name (CT = 1), used iff the model has a class embedding
-                       device=None) -> dict:
-    "Keyword inputs the model expects: spacing and region one-hots ×100 (as MAISI), modality class labels."
-    m, kw = unwrap_model(model), {}
-    for flag, key, value, n, field in [("include_spacing_input", "spacing_tensor", spacing, 3, "spacing"),
-            ("include_top_region_index_input", "top_region_index_tensor", top_region_index, 4, "top_region_index"),
-            ("include_bottom_region_index_input", "bottom_region_index_tensor", bottom_region_index, 4, "bottom_region_index")]:
-        if not getattr(m, flag, False): continue
-        if value is None: raise ValueError(f"{field}: required by this network ({flag}=True)")
-        kw[key] = _rows(value, n, batch_size, field, device) * 100
-    if getattr(m, "num_class_embeds", None) is not None:
-        kw["class_labels"] = _class_labels(modality, batch_size, m.num_class_embeds, device)
-    return kw
-
-# %% ../nbs/02_diffusion_train.ipynb #88827ea0
-def unet_forward(unet, x:torch.Tensor, # (B,4,X,Y,Z) noisy latent
-                 timesteps:torch.Tensor, # (B,) timesteps
-                 unet_kwargs:dict, # from `model_conditioning(unet, ...)`
-                 controlnet=None, controlnet_cond:torch.Tensor=None, # (B,8,4X,4Y,4Z) bit-plane mask
-                 controlnet_kwargs:dict=None, # from `model_conditioning(controlnet, ...)`
-                ) -> torch.Tensor:
-    "The UNet's prediction for `x` at `timesteps`, with ControlNet residuals added when a ControlNet is given."
-    extra = {}
-    if controlnet is not None:
-        if controlnet_cond is None: raise ValueError("controlnet_cond: required when a controlnet is given")
-        down, mid = controlnet(x=x, timesteps=timesteps, controlnet_cond=controlnet_cond, **(controlnet_kwargs or {}))
-        extra = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
-    return unet(x=x, timesteps=timesteps, **unet_kwargs, **extra)
+__all__ = ['LATENT_DATALIST', 'ENV_KEYS', 'TRAIN_KEYS', 'INFER_KEYS', 'sample_train_timesteps', 'training_target',
+           'diffusion_loss', 'encode_latent', 'embedding_name', 'make_latents', 'compute_scale_factor',
+           'load_diffusion_config', 'latent_records', 'check_records', 'latent_dataset', 'latent_loader', 'resume_path',
+           'save_diffusion_checkpoint', 'plot_loss_curve', 'train_one_epoch', 'train_diffusion', 'generate_images',
+           'init_distributed', 'make_latents_cli', 'train_diffusion_cli']
 
 # %% ../nbs/02_diffusion_train.ipynb #8a0c5072
 def sample_train_timesteps(scheduler, x0:torch.Tensor, # (B,C,X,Y,Z) clean latents
@@ -168,78 +76,6 @@ def diffusion_loss(unet, scheduler, x0:torch.Tensor, # (B,4,X,Y,Z) clean latents
                        model_conditioning(controlnet, b, **cond) if controlnet is not None else None)
     err = (out.float() - training_target(scheduler, x0, noise, t).float()).abs()
     return (err * loss_weights).mean() if loss_weights is not None else err.mean()
-
-# %% ../nbs/02_diffusion_train.ipynb #bfbb6a56
-def make_generators(batch_size:int, seed:int=None, generator=None) -> list:
-    "One CPU generator per sample: the given one(s), else seeded `seed + i` for sample i (fresh seeds when None)."
-    if generator is not None:
-        gens = list(generator) if isinstance(generator, (list, tuple)) else [generator] * batch_size
-        if len(gens) != batch_size:
-            raise ValueError(f"generator: got {len(gens)} generators for a batch of {batch_size}")
-        return gens
-    return [make_generator(None if seed is None else seed + i) for i in range(batch_size)]
-
-def batch_randn(shape, generators:list, device=None, dtype=torch.float32) -> torch.Tensor:
-    "Noise of `shape` (B,...) whose i-th sample comes from `generators[i]`."
-    return torch.stack([randn(tuple(shape[1:]), g) for g in generators]).to(device=device, dtype=dtype)
-
-def ddpm_step(scheduler, model_output:torch.Tensor, timestep:int, sample:torch.Tensor,
-              noise:torch.Tensor=None, # posterior noise like `sample`; required for timestep > 0
-             ) -> torch.Tensor:
-    "MONAI's `DDPMScheduler.step` (previous sample) with the posterior noise supplied by the caller."
-    if scheduler.variance_type not in ("fixed_small", "fixed_large"):
-        raise ValueError(f"variance_type: {scheduler.variance_type!r} is not supported; allowed: fixed_small, fixed_large")
-    f = lambda v: v.to(sample.device, torch.float32)  # MONAI's add_noise may have moved some schedule tensors
-    a_t, beta_t, alpha_t = f(scheduler.alphas_cumprod[timestep]), f(scheduler.betas[timestep]), f(scheduler.alphas[timestep])
-    a_prev = f(scheduler.alphas_cumprod[timestep - 1]) if timestep > 0 else f(scheduler.one)
-    p = scheduler.prediction_type
-    if p == "epsilon": x0 = (sample - (1 - a_t).sqrt() * model_output) / a_t.sqrt()
-    elif p == "sample": x0 = model_output
-    else: x0 = a_t.sqrt() * sample - (1 - a_t).sqrt() * model_output
-    if scheduler.clip_sample: x0 = x0.clamp(*scheduler.clip_sample_values)
-    prev = a_prev.sqrt() * beta_t / (1 - a_t) * x0 + alpha_t.sqrt() * (1 - a_prev) / (1 - a_t) * sample  # posterior mean
-    if timestep == 0: return prev
-    var = beta_t if scheduler.variance_type == "fixed_large" else ((1 - a_prev) / (1 - a_t) * beta_t).clamp(min=1e-20)
-    return prev + var.sqrt() * noise
-
-# %% ../nbs/02_diffusion_train.ipynb #8658dd4b
-def sample_latents(unet, scheduler,
-                   latent_shape, # (B,4,X,Y,Z)
-                   spacing=None, top_region_index=None, bottom_region_index=None, modality=1, # see `model_conditioning`
-                   controlnet=None, controlnet_cond:torch.Tensor=None, # optional ControlNet and its (B,8,4X,4Y,4Z) mask
-                   num_inference_steps:int=None, # default 1000 (DDPM) or 30 (rectified flow)
-                   seed:int=None, generator=None, # sample i uses `seed + i`, or the given generator(s)
-                   latents:torch.Tensor=None, # start from these instead of fresh noise
-                   device=None, dtype=None, # autocast dtype; default float16 on CUDA, none on CPU
-                   callback=None, # called as callback(i, t, latents) after every step
-                   progress_bar:bool=True) -> torch.Tensor:
-    "Denoise Gaussian noise into latents with DDPM or rectified flow (optionally ControlNet-guided)."
-    c = getattr(unwrap_model(unet), "in_channels", None)
-    if len(latent_shape) != 5 or (c is not None and latent_shape[1] != c):
-        raise ValueError(f"latent_shape: expected (B, {c}, X, Y, Z), got {tuple(latent_shape)}")
-    if controlnet is not None and controlnet_cond is None: raise ValueError("controlnet_cond: required with a controlnet")
-    device, b = default_device(device), latent_shape[0]
-    rf, gens = is_rflow(scheduler), make_generators(b, seed, generator)
-    n = num_inference_steps or (30 if rf else scheduler.num_train_timesteps)
-    cond = dict(spacing=spacing, top_region_index=top_region_index, bottom_region_index=bottom_region_index,
-                modality=modality, device=device)
-    ukw = model_conditioning(unet, b, **cond)
-    ckw = model_conditioning(controlnet, b, **cond) if controlnet is not None else None
-    if controlnet is not None: controlnet_cond = controlnet_cond.to(device)
-    ts, nxt = set_inference_timesteps(scheduler, n, latent_shape[2:])
-    x = (latents.to(device, torch.float32) if latents is not None else batch_randn(latent_shape, gens, device))
-    dtype = dtype or (torch.float16 if device.type == "cuda" else None)
-    amp = torch.autocast(device.type, dtype=dtype) if dtype not in (None, torch.float32) else nullcontext()
-    for m in (unet, controlnet):
-        if m is not None: m.eval()
-    with torch.inference_mode(), amp:
-        for i, (t, t_next) in enumerate(progress(list(zip(ts, nxt)), desc="sampling", disable=None if progress_bar else True)):
-            tt = torch.full((b,), float(t), device=device)
-            out = unet_forward(unet, x, tt, ukw, controlnet, controlnet_cond, ckw).float()
-            if rf: x = scheduler.step(out, t, x, t_next)[0]
-            else: x = ddpm_step(scheduler, out, int(t), x, batch_randn(x.shape, gens, device) if t > 0 else None)
-            if callback is not None: callback(i, t, x)
-    return x
 
 # %% ../nbs/02_diffusion_train.ipynb #00c51243
 def _encoder_settings(autoencoder, shape, amp:bool):

@@ -19,7 +19,7 @@ from .utils import (in_test, progress, default_device, make_generator, atomic_pa
                             load_nifti, spacing_from_affine)
 from .networks import (PRESETS, MaisiNetworks, build_networks, load_pretrained, load_into, network_version,
                                decode_latents, plan_decode, to_hu, check_num_splits, save_pretrained as save_networks)
-from .diffusion import make_scheduler, is_rflow, sample_latents, set_inference_timesteps, batch_randn, ddpm_step
+from .sampling import make_scheduler, is_rflow, sample_latents, set_inference_timesteps, batch_randn, ddpm_step
 from .masks import (to_anatomy_ids, check_controllable_anatomy_size, prepare_size_condition, target_tumor_label,
                             generated_mask_to_sample, find_masks, find_closest_masks, select_masks, read_mask_record,
                             augment_mask, prepare_user_mask, mask_sample, body_region_vectors, load_mask_database,

@@ -25,10 +25,18 @@ def progress(iterable=None, desc:str=None, total:int=None, disable:bool=None, **
     if disable is None: disable = in_test() or bool(os.environ.get("TQDM_DISABLE"))
     return tqdm(iterable, desc=desc, total=total, disable=disable, leave=False, **kwargs)
 
-def default_device(device=None) -> torch.device:
-    "`device` if given, else CUDA when available, else CPU."
-    if device is not None: return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def default_device(device=None, # None (CUDA when available, else CPU), "cpu", "cuda", "cuda:1", or a torch.device
+                  ) -> torch.device:
+    "The torch.device to use; ValueError for a name torch does not know or a CUDA device this machine lacks."
+    if device is None: return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try: d = torch.device(device)
+    except (RuntimeError, TypeError): raise ValueError(f"device: got {device!r}; allowed: cpu, cuda, cuda:N") from None
+    if d.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0: raise ValueError(f"device: got {str(device)!r} but CUDA is not available on this machine; allowed: cpu")
+        if d.index is not None and d.index >= n: raise ValueError(f"device: got {str(device)!r}; this machine has {n} CUDA device(s)")
+    elif d.type not in ("cpu", "mps", "meta"): raise ValueError(f"device: got {str(device)!r}; allowed: cpu, cuda, cuda:N")
+    return d
 
 # %% ../nbs/000_utils.ipynb #7f66484b
 def make_generator(seed:int|None) -> torch.Generator:
