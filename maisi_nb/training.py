@@ -16,7 +16,7 @@ from .utils import atomic_path, default_device, make_generator, progress, save_j
 # %% auto #0
 __all__ = ['FAULT_POINTS', 'STATE_FORMAT', 'dist_info', 'setup_distributed', 'ddp', 'all_reduce_sums', 'mix_seed',
            'epoch_generator', 'amp_enabled', 'amp_step', 'is_temp_file', 'RunFiles', 'fault_point', 'save_state',
-           'load_state', 'Trainer', 'plot_history', 'save_plot']
+           'load_state', 'prepare_run', 'Trainer', 'plot_history', 'save_plot']
 
 # %% ../nbs/00i_training.ipynb #0a731fb2
 def dist_info() -> tuple:
@@ -127,7 +127,28 @@ def load_state(path) -> dict:
         raise ValueError(f"resume: {p} is not a maisi_nb training state")
     return st
 
-# %% ../nbs/00i_training.ipynb #e49d5c3b
+# %% ../nbs/00i_training.ipynb #d321f5c2
+def prepare_run(files:RunFiles, resume:bool=False, overwrite:bool=False,
+                outputs=(), # the released files this run writes (a new run refuses to replace them)
+                stale=(), # glob patterns of files of an old run that overwrite removes (e.g. "autoencoder_epoch*.pt")
+                rank:int=0):
+    "Check the run folder for a new run / resume / overwrite, and clear it for overwrite (rank 0)."
+    if resume and overwrite: raise ValueError("--resume and --overwrite exclude each other")
+    if files.model_dir.exists() and not files.model_dir.is_dir():
+        raise NotADirectoryError(f"model_dir: {files.model_dir} is a file, not a folder")
+    if resume:
+        if not files.state.is_file():
+            raise FileNotFoundError(f"resume: {files.state} does not exist; nothing to resume (start without --resume)")
+        return
+    old = [p for p in [files.state, *map(Path, outputs)] if p.exists()]
+    if old and not overwrite:
+        raise FileExistsError(f"model_dir {str(files.model_dir)!r} already holds a training run ({old[0].name}); "
+                              "pass --resume to continue it or --overwrite to start a new one")
+    if overwrite and rank == 0:
+        for p in [files.state, files.metrics, files.loss_plot, *[q for pat in stale for q in files.model_dir.glob(pat)]]:
+            if p.exists(): p.unlink()
+
+# %% ../nbs/00i_training.ipynb #ee6a115b
 class Trainer:
     "A training loop around a step function, with validation, logs, crash-safe checkpoints and exact resume."
     def __init__(self, step, # step(batch, generator) -> {name: float}
@@ -138,7 +159,9 @@ class Trainer:
                  validate=None, val_interval:int=1, monitor:str|None=None, export=None,
                  step_schedulers=(), epoch_schedulers=(), lr_of=None, # optimizer whose LR is logged
                  steps_per_epoch:int|None=None, loss_key:str="loss", meta:dict|None=None,
-                 rank:int=0, world_size:int=1, device=None, desc:str="epoch", progress_bar:bool=True):
+                 rank:int=0, world_size:int=1, device=None, desc:str="epoch", progress_bar:bool=True,
+                 tfevent_path=None, # TensorBoard scalars per epoch, when the tensorboard package is installed
+                ):
         self.step, self.stateful, self.loader, self.n_epochs, self.seed = step, stateful, loader, int(n_epochs), int(seed)
         self.files, self.validate, self.val_interval, self.monitor, self.export = files, validate, val_interval, monitor, export
         self.step_schedulers, self.epoch_schedulers, self.lr_of = list(step_schedulers), list(epoch_schedulers), lr_of
@@ -146,8 +169,9 @@ class Trainer:
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device or "cpu")
         self.meta = {"seed": self.seed, "n_epochs": self.n_epochs, "world_size": world_size, **(meta or {})}
         self.epoch, self.records, self.steps, self.best, self.extra = 0, [], {"loss": [], "lr": []}, math.inf, {}
+        self.tfevent_path, self._tb = tfevent_path, None
 
-# %% ../nbs/00i_training.ipynb #30f8c7f9
+# %% ../nbs/00i_training.ipynb #b8c692e6
 def _plain_state(obj) -> dict:
     "A module's state dict with plain tensors (DDP wrappers unwrapped)."
     return (obj.module if isinstance(obj, nn.parallel.DistributedDataParallel) else obj).state_dict()
@@ -188,7 +212,7 @@ class Trainer(Trainer):
                 "epoch_loss": [r[f"train_{self.loss_key}"] for r in self.records], "epochs": self.records,
                 "best_loss": self.best, **self.extra}
 
-# %% ../nbs/00i_training.ipynb #c9988666
+# %% ../nbs/00i_training.ipynb #82417458
 class Trainer(Trainer):
     def _lr(self) -> float:
         opt = self.lr_of or next((v for v in self.stateful.values() if isinstance(v, torch.optim.Optimizer)), None)
@@ -217,7 +241,7 @@ class Trainer(Trainer):
         rec["time_s"] = time.time() - t0
         return rec
 
-# %% ../nbs/00i_training.ipynb #947eaf8c
+# %% ../nbs/00i_training.ipynb #e4d68172
 class Trainer(Trainer):
     def _write_outputs(self, epoch:int):
         "Released weights (via `export`) and the metrics log, from the current state (rank 0)."
@@ -242,7 +266,7 @@ class Trainer(Trainer):
             self._write_outputs(self.epoch - 1)
         return self
 
-# %% ../nbs/00i_training.ipynb #eca75345
+# %% ../nbs/00i_training.ipynb #de6810f5
 class Trainer(Trainer):
     def fit(self, resume:bool=False, # continue the run in `files` (else start at epoch 0)
             until_epoch:int|None=None, # stop after this many epochs in total (continue later with resume)
@@ -257,9 +281,20 @@ class Trainer(Trainer):
             if rec["improved"]: self.best = float(score)
             self.epoch = epoch + 1; self.records.append(rec)
             self.save(epoch)
+            self._tensorboard(rec)
         return self
 
-# %% ../nbs/00i_training.ipynb #ddc599e9
+    def _tensorboard(self, rec:dict):
+        "Epoch scalars for TensorBoard (rank 0, only when `tfevent_path` is set and tensorboard is installed)."
+        if self.rank != 0 or not self.tfevent_path or self._tb is False: return
+        if self._tb is None:
+            try: from torch.utils.tensorboard import SummaryWriter; self._tb = SummaryWriter(str(self.tfevent_path))
+            except ImportError: self._tb = False; return
+        for k, v in rec.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool): self._tb.add_scalar(k, v, rec["epoch"])
+        self._tb.flush()
+
+# %% ../nbs/00i_training.ipynb #b5c01240
 def plot_history(history:dict, # a `Trainer.history`
                  title:str="training", val_keys=None, # validation record keys to plot (default: all val_*)
                  fig=None):
