@@ -329,12 +329,16 @@ def convert_old_state_dict(state_dict:dict, # possibly old-layout state dict
 # %% ../nbs/00_networks.ipynb #5ca41b94
 def read_checkpoint(path, map_location="cpu"):
     "`torch.load(path, weights_only=True)` with clear errors."
+    import zipfile
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"checkpoint: no file at {path}")
     try: return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(f"{path}: refused by torch.load(weights_only=True) — a MAISI checkpoint holds only "
                          f"tensors, numbers and dicts ({str(e).splitlines()[0]})") from None
+    except PermissionError: raise
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, UnicodeDecodeError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path} is not a readable checkpoint (truncated or not a torch file)") from None
 
 def _mismatch(path, sd, model_sd, role, target) -> str:
     a, b = _shape_map(sd), _shape_map(model_sd)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/000_utils.ipynb #04ad9484
 from __future__ import annotations
-import contextlib, json, os, tempfile
+import contextlib, json, os, tempfile, zlib
 from pathlib import Path
 import numpy as np
 import torch
@@ -13,7 +13,8 @@ from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['in_test', 'progress', 'default_device', 'make_generator', 'randn', 'atomic_path', 'save_json', 'torch_save',
-           'spacing_from_affine', 'affine_from_spacing', 'save_nifti', 'load_nifti']
+           'check_output_dir', 'spacing_from_affine', 'affine_from_spacing', 'save_nifti', 'load_nifti',
+           'one_line_error']
 
 # %% ../nbs/000_utils.ipynb #497c4fe9
 def in_test() -> bool:
@@ -82,6 +83,21 @@ def torch_save(obj, path, overwrite:bool=True):
     with atomic_path(path, overwrite) as tmp: torch.save(obj, tmp)
     return Path(path)
 
+def check_output_dir(path, what:str="output_dir", create:bool=True) -> Path:
+    "`path` as a folder we can write to (created when `create`), checked before any work; else a clear error."
+    if path is None or str(path) == "": raise ValueError(f"{what}: expected a folder path, got {path!r}")
+    p = Path(path)
+    for q in (p, *p.parents):  # the folder or its first existing parent must be a folder
+        if q.exists():
+            if not q.is_dir(): raise NotADirectoryError(f"{what}: {q} is a file, not a folder" + (f" (needed for {p})" if q != p else ""))
+            break
+    if create:
+        try: p.mkdir(parents=True, exist_ok=True)
+        except OSError as e: raise PermissionError(f"{what}: cannot create {p} ({one_line_error(e)})") from None
+    target = p if p.exists() else q
+    if not os.access(target, os.W_OK | os.X_OK): raise PermissionError(f"{what}: {target} is not writable")
+    return p
+
 # %% ../nbs/000_utils.ipynb #aec735c8
 def spacing_from_affine(affine) -> tuple:
     "Voxel spacing (mm) as the column norms of a 4x4 affine."
@@ -103,7 +119,21 @@ def save_nifti(array, affine, path, overwrite:bool=False, dtype=None):
     return Path(path)
 
 def load_nifti(path, dtype=None) -> tuple:
-    "(array, affine) of a NIfTI file, reoriented to RAS."
-    img = nib.as_closest_canonical(nib.load(str(path)))
-    arr = np.asanyarray(img.dataobj)
+    "(array, affine) of a NIfTI file, reoriented to RAS; a missing, non-NIfTI or truncated file raises a clear error."
+    p = Path(path)
+    if p.is_dir(): raise IsADirectoryError(f"{p} is a folder, not a NIfTI file")
+    if not p.is_file(): raise FileNotFoundError(f"{p} does not exist")
+    try:
+        img = nib.as_closest_canonical(nib.load(str(p)))
+        arr = np.asanyarray(img.dataobj)
+    except PermissionError: raise
+    except nib.filebasedimages.ImageFileError as e:
+        raise ValueError(f"{p} is not a readable NIfTI file: truncated, or not NIfTI ({one_line_error(e)})") from None
+    except (EOFError, OSError, zlib.error, ValueError) as e:
+        raise ValueError(f"{p} is not a readable NIfTI file: truncated or corrupt ({type(e).__name__}: {one_line_error(e)})") from None
     return (arr.astype(dtype) if dtype is not None else arr), img.affine
+
+def one_line_error(e:BaseException, limit:int=200) -> str:
+    "An exception's message squeezed onto one line (at most `limit` characters)."
+    s = " ".join(str(e).split()) or type(e).__name__
+    return s if len(s) <= limit else s[:limit - 1] + "…"
