@@ -16,9 +16,9 @@ from .labels import LABELS, label_id
 from .utils import load_nifti, progress, save_json
 
 # %% auto #0
-__all__ = ['ORGAN_GROUPS', 'UPSTREAM_LUNG_IDS', 'STAT_KEYS', 'MEDIAN_STATISTICS', 'QC_RULES', 'qc_range', 'OrganQC', 'QCResult',
-           'quality_check', 'text_table', 'html_table', 'organ_medians', 'compute_median_statistics', 'save_statistics',
-           'load_statistics']
+__all__ = ['ORGAN_GROUPS', 'UPSTREAM_LUNG_IDS', 'STAT_KEYS', 'MEDIAN_STATISTICS', 'QC_RULES', 'NONFINITE', 'qc_range', 'OrganQC',
+           'QCResult', 'quality_check', 'text_table', 'html_table', 'organ_medians', 'compute_median_statistics',
+           'save_statistics', 'load_statistics']
 
 # %% ../nbs/00c_hu_qc.ipynb #28edb747
 def _ids(*names): return tuple(label_id(n) for n in names)
@@ -85,15 +85,22 @@ class OrganQC:
     n_voxels: int
     status: str  # "pass", "fail" or "absent"
 
+NONFINITE = "non-finite voxels"  # what `QCResult.failed` lists for a volume with NaN/Inf voxels
+
 @dataclass
 class QCResult:
-    "Per-organ results of `quality_check`; `passed` is True when no organ fails."
+    "Per-organ results of `quality_check`; `passed` when an organ was checked, none fails and every voxel is finite."
     organs: list
     rule: str = "now"
+    nonfinite: int = 0  # NaN/Inf voxels anywhere in the image
     @property
-    def passed(self) -> bool: return not self.failed
+    def checked(self) -> list: return [o.organ for o in self.organs if o.status in ("pass", "fail")]
     @property
-    def failed(self) -> list: return [o.organ for o in self.organs if o.status == "fail"]
+    def failed(self) -> list: return [o.organ for o in self.organs if o.status == "fail"] + ([NONFINITE] if self.nonfinite else [])
+    @property
+    def status(self) -> str: return "failed" if self.failed else "not checked" if not self.checked else "passed"
+    @property
+    def passed(self) -> bool: return self.status == "passed"
     def __getitem__(self, organ): return next(o for o in self.organs if o.organ == organ)
 
 # %% ../nbs/00c_hu_qc.ipynb #984aca21
@@ -103,9 +110,20 @@ def _as_volume(x, name:str) -> np.ndarray:
     if a.ndim != 3: raise ValueError(f"{name}: expected a 3D volume (X,Y,Z), got shape {a.shape}")
     return a
 
+def _label_values(a:np.ndarray) -> np.ndarray:
+    "The distinct values of an integer label (a bincount when they are small: much faster than np.unique)."
+    if a.size and np.issubdtype(a.dtype, np.integer) and a.min() >= 0 and a.max() < 2**16:
+        return np.flatnonzero(np.bincount(a.ravel()))
+    return np.unique(a)
+
 def _as_label(x, name:str="label") -> np.ndarray:
     a = _as_volume(x, name)
-    return np.rint(a).astype(np.int32) if np.issubdtype(a.dtype, np.floating) else a
+    if np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all(): raise ValueError(f"{name}: holds NaN or Inf values; a label holds MAISI ids")
+        a = np.rint(a).astype(np.int32)
+    bad = [int(v) for v in _label_values(a) if v != 0 and int(v) not in LABELS]
+    if bad: raise ValueError(f"{name}: values {bad[:10]} are not MAISI ids (allowed: 0-132 and 200)")
+    return a
 
 def _match_label(label:np.ndarray, shape:tuple, resample:bool) -> np.ndarray:
     if label.shape == tuple(shape): return label
@@ -150,7 +168,7 @@ def quality_check(image, # (X,Y,Z) CT in HU (numpy or torch; leading 1-dims are 
                   organs:list=None, # subset of organ names to check; None: every organ of the table
                   resample_label:bool=False, # resample a label of another shape (nearest) instead of raising
                  ) -> QCResult:
-    "Median HU of each organ group against its accepted range; absent organs are reported, not failed."
+    "Median HU of each organ group against its accepted range; absent organs are reported, NaN/Inf voxels fail."
     stats = _check_statistics(load_statistics(statistics) if isinstance(statistics, (str, Path))
                               else (MEDIAN_STATISTICS if statistics is None else statistics))
     qc_range(next(iter(stats.values())), "", rule)  # validates `rule` early
@@ -158,7 +176,8 @@ def quality_check(image, # (X,Y,Z) CT in HU (numpy or torch; leading 1-dims are 
     organs = _select_organs(stats, groups, organs)
     img = _as_volume(image, "image")
     lab = _match_label(_as_label(label), img.shape, resample_label)
-    return QCResult([_check_organ(img, lab, o, groups[o], stats[o], rule) for o in organs], rule)
+    bad = int(img.size - np.isfinite(img).sum()) if np.issubdtype(img.dtype, np.floating) else 0
+    return QCResult([_check_organ(img, lab, o, groups[o], stats[o], rule) for o in organs], rule, bad)
 
 # %% ../nbs/00c_hu_qc.ipynb #37a08543
 def _fmt(v) -> str:
@@ -195,16 +214,22 @@ def to_records(self:QCResult) -> list:
 @patch
 def to_dict(self:QCResult) -> dict:
     "The whole result as a JSON-ready dict."
-    return {"passed": self.passed, "rule": self.rule, "failed": self.failed, "organs": self.to_records()}
+    return {"passed": self.passed, "status": self.status, "rule": self.rule, "failed": self.failed,
+            "nonfinite_voxels": self.nonfinite, "organs": self.to_records()}
+
+@patch
+def verdict(self:QCResult) -> str:
+    "One line: PASSED, FAILED (what) or NOT CHECKED (why)."
+    if self.failed: return f"FAILED ({', '.join(self.failed)}" + (f": {self.nonfinite} NaN/Inf voxels" if self.nonfinite else "") + ")"
+    return "PASSED" if self.passed else "NOT CHECKED (none of the organs is in the label)"
 
 @patch
 def __str__(self:QCResult) -> str:
-    verdict = "PASSED" if self.passed else f"FAILED ({', '.join(self.failed)})"
-    return f"{text_table(self.to_records(), _QC_COLUMNS)}\nquality check ({self.rule} rule): {verdict}"
+    return f"{text_table(self.to_records(), _QC_COLUMNS)}\nquality check ({self.rule} rule): {self.verdict()}"
 
 @patch
 def _repr_html_(self:QCResult) -> str:
-    verdict = "passed" if self.passed else f"<b style='color:#c0392b'>failed: {', '.join(self.failed)}</b>"
+    verdict = "passed" if self.passed else f"<b style='color:#c0392b'>{self.verdict().lower()}</b>"
     return html_table(self.to_records(), _QC_COLUMNS, lambda r: r["status"] == "fail") + \
            f"<p>quality check ({self.rule} rule): {verdict}</p>"
 
@@ -227,7 +252,7 @@ def plot(self:QCResult, ax=None, title:str=None):
         else: ax.plot(o.median, y, "X" if bad else "o", color="#c0392b" if bad else "k", ms=8 if bad else 6)
     ax.set_yticks(range(len(self.organs)), [o.organ for o in self.organs]); ax.invert_yaxis()
     ax.set_xlabel("median HU inside the organ (band: accepted range)")
-    ax.set_title(title or ("QC passed" if self.passed else f"QC failed: {', '.join(self.failed)}"), fontsize=10)
+    ax.set_title(title or f"QC {self.verdict().lower()}", fontsize=10)
     return ax
 
 # %% ../nbs/00c_hu_qc.ipynb #3442d50f
