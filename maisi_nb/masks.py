@@ -4,7 +4,7 @@
 
 # %% ../nbs/00f_masks.ipynb #fd93912e
 from __future__ import annotations
-import argparse, difflib, json, sys, zipfile
+import argparse, difflib, json, os, sys, zipfile
 from pathlib import Path
 import numpy as np
 import torch
@@ -17,7 +17,8 @@ from .labels import (LABELS, ALIASES, BODY_ID, BODY_REGIONS, TUMOR_IDS, TUMOR_HO
                              label_id, label_name, body_region_index, region_one_hot, region_indices_from_mask,
                              compact_to_maisi)
 from .utils import (progress, make_generator, save_json, save_nifti, load_nifti, spacing_from_affine,
-                            affine_from_spacing)
+                            affine_from_spacing, check_output_dir)
+from .config import command_parser, cli_command, read_config
 from .data import totalsegmentator_to_maisi, TS_TO_MAISI, add_body
 
 # %% auto #0
@@ -26,7 +27,7 @@ __all__ = ['SPACING_ATOL', 'to_anatomy_ids', 'dilate3d', 'erode3d', 'close3d', '
            'find_closest_masks', 'select_masks', 'read_mask_record', 'remap_named_mask', 'check_mask_ids', 'index_mask',
            'build_mask_db', 'build_mask_db_cli', 'augment_mask', 'post_process_generated_mask',
            'check_controllable_anatomy_size', 'prepare_size_condition', 'target_tumor_label',
-           'generated_mask_to_sample', 'fill_body', 'prepare_user_mask']
+           'generated_mask_to_sample', 'fill_body', 'read_user_mask', 'prepare_user_mask']
 
 # %% ../nbs/00f_masks.ipynb #24e6eb64
 def _key(name) -> str: return " ".join(str(name).lower().replace("_", " ").split())
@@ -113,6 +114,15 @@ def _vec3(v, kind, field):
 def _names(ids) -> str: return ", ".join(f"{label_name(i)} ({i})" for i in ids)
 
 # %% ../nbs/00f_masks.ipynb #b606d316
+def _fmt_grid(shape, spacing) -> str:
+    fov = " × ".join(f"{n * s:g}" for n, s in zip(shape, spacing))
+    return f"{list(shape)} voxels at {[round(float(s), 4) for s in spacing]} mm ({fov} mm)"
+
+def _crop_message(shape, affine, lost:int, total:int, spacing, size) -> str:
+    return (f"mask: its own grid is {_fmt_grid(shape, spacing_from_affine(affine))}, but output_size × spacing is "
+            f"{_fmt_grid(size, spacing)}: {lost} of its {total} labelled voxels ({100 * lost / total:.0f} %) would be "
+            "cropped away; omit output_size and spacing to keep the mask's own grid, or give a grid that covers it")
+
 def _as_volume(mask) -> torch.Tensor:
     "A (X,Y,Z) tensor from a mask with optional leading singleton dims."
     t = mask if isinstance(mask, torch.Tensor) else torch.as_tensor(np.asarray(mask))
@@ -127,6 +137,7 @@ def resample_mask(mask, # label volume (X,Y,Z) / (1,1,X,Y,Z), numpy or torch (a 
                   anatomy_ids=None, # ids/names that must survive
                   device=None, # where to compute (default: the mask's device)
                   atol:float=SPACING_ATOL, # spacing tolerance (mm)
+                  crop:bool=True, # False: an error, never a silent crop, when labelled voxels would fall outside the grid
                  ) -> tuple:
     "(label (1,1,X,Y,Z) uint8, affine) of `mask` in RAS on the requested grid (nearest, centred pad/crop)."
     spacing, size = _vec3(spacing, float, "spacing"), _vec3(output_size, int, "output_size")
@@ -139,7 +150,10 @@ def resample_mask(mask, # label volume (X,Y,Z) / (1,1,X,Y,Z), numpy or torch (a 
     x = _RAS(x)
     if not np.allclose(spacing_from_affine(x.affine), spacing, atol=atol, rtol=0):
         x = Spacing(pixdim=spacing, mode="nearest")(x)
-    if list(x.shape[1:]) != size: x = ResizeWithPadOrCrop(spatial_size=size)(x)
+    if list(x.shape[1:]) != size:
+        before = int((x != 0).sum())
+        x = ResizeWithPadOrCrop(spatial_size=size)(x)
+        if not crop and int((x != 0).sum()) < before: raise ValueError(_crop_message(t.shape, affine, before - int((x != 0).sum()), before, spacing, size))
     lab, aff = x.as_tensor().round().to(torch.uint8)[None], x.affine.numpy()
     lost = [i for i in ids if not bool((lab == i).any())]
     if lost: raise AnatomyLostError(
@@ -175,7 +189,9 @@ def load_mask_database(database) -> list:
     src = database if isinstance(database, list) else Path(database)
     if isinstance(src, Path):
         if not src.exists(): raise FileNotFoundError(f"database: {src} does not exist (build one with build_mask_db)")
-        src = json.loads(src.read_text())
+        try: src = json.loads(src.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"database: {database} is not valid JSON ({' '.join(str(e).split())})") from None
     if not isinstance(src, list): raise ValueError(f"database: expected a JSON list of records, got {type(src).__name__}")
     for k, r in enumerate(src):
         miss = [f for f in _DB_FIELDS if not isinstance(r, dict) or f not in r]
@@ -374,21 +390,20 @@ def build_mask_db(mask_dir, # folder of NIfTI label volumes (searched recursivel
     return records, skipped
 
 # %% ../nbs/00f_masks.ipynb #e738f7f7
+@cli_command("maisi_build_mask_db")
 def build_mask_db_cli(argv=None):
     "maisi_build_mask_db: index a folder of NIfTI masks into a MAISI candidate-mask database."
-    p = argparse.ArgumentParser(prog="maisi_build_mask_db", description=build_mask_db_cli.__doc__.split(": ", 1)[1])
+    p = command_parser("maisi_build_mask_db", build_mask_db_cli.__doc__.split(": ", 1)[1], seed=False, device=False)
     p.add_argument("mask_dir", help="folder of NIfTI label volumes (MAISI ids unless --names)")
     p.add_argument("out_json", help="database JSON to write")
     p.add_argument("--names", help="JSON file {value: name} for TotalSegmentator-labelled masks")
     p.add_argument("--out-mask-dir", help="folder for converted masks (with --names or --add-body)")
     p.add_argument("--add-body", action="store_true", help="label unlabelled voxels inside the body as 200")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     a = p.parse_args(argv)
-    try:
-        names = json.loads(Path(a.names).read_text()) if a.names else None
-        recs, skipped = build_mask_db(a.mask_dir, a.out_json, names, a.out_mask_dir, a.add_body, a.overwrite)
-    except (ValueError, OSError) as e:
-        print(f"maisi_build_mask_db: error: {e}", file=sys.stderr); return 2
+    names = read_config(a.names, "--names") if a.names else None
+    if Path(a.out_json).is_dir(): raise IsADirectoryError(f"out_json: {a.out_json} is a folder; give the database file to write")
+    check_output_dir(Path(a.out_json).parent, "out_json")
+    recs, skipped = build_mask_db(a.mask_dir, a.out_json, names, a.out_mask_dir, a.add_body, a.overwrite)
     print(f"indexed {len(recs)} masks into {a.out_json}" + (f"; skipped {len(skipped)}:" if skipped else ""))
     for f, why in skipped: print(f"  {f}: {why}")
     return 0 if recs else 1
@@ -651,16 +666,42 @@ def fill_body(label, # (X,Y,Z) MAISI label volume
     return out
 
 # %% ../nbs/00f_masks.ipynb #9dd2aed8
-def _load_user(mask, affine, spacing, what:str):
-    if isinstance(mask, (str, Path)):
-        if not Path(mask).exists(): raise FileNotFoundError(f"{what}: {mask} does not exist")
-        return load_nifti(mask)
+def _one_volume(arr:np.ndarray, what:str, src:str, channel_last:bool=False) -> np.ndarray:
+    "A (X,Y,Z) view of `arr`: leading (1,1,X,Y,Z) and trailing (X,Y,Z,1) singleton axes dropped, else a clear error."
+    shape = arr.shape
+    while arr.ndim > 3 and arr.shape[0] == 1: arr = arr[0]
+    while arr.ndim > 3 and arr.shape[-1] == 1: arr = arr[..., 0]
+    if arr.ndim != 3:
+        extra = shape[3:] if channel_last else shape[:-3]
+        many = f" holds {int(np.prod(extra))} volumes" if len(shape) > 3 else ""
+        raise ValueError(f"{what}: {src}{many} (shape {tuple(shape)}); expected one 3-D label volume (X,Y,Z)")
+    return arr
+
+def read_user_mask(mask, # NIfTI path, (X,Y,Z) array/tensor (leading/trailing singleton axes allowed), or (array, affine)
+                   affine=None, # (4,4) affine of an array (None: the MetaTensor's, else one made from `spacing`)
+                   spacing=None, # spacing (mm) an array without affine already has
+                   what:str="mask") -> tuple:
+    "(array (X,Y,Z), affine) of a user's label volume, with one clear error for anything that is not one volume."
+    if isinstance(mask, tuple) and len(mask) == 2 and affine is None: mask, affine = mask
+    if isinstance(mask, (str, os.PathLike)):
+        try: arr, aff = load_nifti(mask)
+        except ValueError as e: raise ValueError(f"{what}: {e}") from None
+        except (FileNotFoundError, IsADirectoryError) as e: raise type(e)(f"{what}: {e}") from None
+        return _one_volume(arr, what, f"{mask}", channel_last=True), np.asarray(aff, float)
+    if mask is None or not (isinstance(mask, (torch.Tensor, np.ndarray)) or hasattr(mask, "__array__")):
+        raise TypeError(f"{what}: expected a NIfTI path, an (X,Y,Z) array/tensor or an (array, affine) pair, got {type(mask).__name__}")
     arr = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+    arr = _one_volume(arr, what, "the array")
     if affine is None: affine = getattr(mask, "affine", None)
     if affine is None:
         if spacing is None: raise ValueError(f"{what}: an array needs its `affine` (or a `spacing` it already has)")
         affine = affine_from_spacing(_vec3(spacing, float, "spacing"))
-    return arr.reshape(arr.shape[-3:]) if arr.ndim > 3 else arr, np.asarray(affine, float)
+    affine = np.asarray(affine, float)
+    if affine.shape != (4, 4) or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise ValueError(f"{what}: affine must be a finite, invertible 4x4 matrix, got shape {affine.shape}")
+    return arr, affine
+
+_load_user = lambda mask, affine, spacing, what: read_user_mask(mask, affine, spacing, what)
 
 def prepare_user_mask(mask, # NIfTI path, or (X,Y,Z) array/tensor
                       affine=None, # (4,4) affine of an array (default: already at `spacing`)
@@ -673,9 +714,10 @@ def prepare_user_mask(mask, # NIfTI path, or (X,Y,Z) array/tensor
                       body_region=None, # fallback region names when the mask has no indicator label
                       device=None) -> dict:
     "Mask sample from the user's own label volume (checked, body added, resampled to the grid)."
-    arr, aff = _load_user(mask, affine, spacing, "mask")
-    if arr.ndim != 3: raise ValueError(f"mask: expected a 3-D label volume, got shape {arr.shape}")
+    arr, aff = read_user_mask(mask, affine, spacing, "mask")
     arr = check_mask_ids(remap_named_mask(arr, names) if names is not None else arr)
+    if not arr.any(): raise ValueError("mask: holds only background (0): no body (200) and no organ; a mask needs the "
+                                       "anatomy to generate (at least the body outline)")
     ids = to_anatomy_ids(anatomy_list)
     absent = [i for i in ids if not (arr == i).any()]
     if absent: raise ValueError(f"anatomy_list: {_names(absent)} not in the mask (it has {len(np.unique(arr)) - 1} labels)")
@@ -686,5 +728,5 @@ def prepare_user_mask(mask, # NIfTI path, or (X,Y,Z) array/tensor
             if not np.allclose(img_aff, aff, atol=1e-3): raise ValueError("image: its affine differs from the mask's")
         arr = fill_body(arr, img)
     spacing = _vec3(spacing if spacing is not None else spacing_from_affine(aff), float, "spacing")
-    lab, aff = resample_mask(arr, aff, spacing, output_size if output_size is not None else arr.shape, ids, device)
+    lab, aff = resample_mask(arr, aff, spacing, output_size if output_size is not None else arr.shape, ids, device, crop=False)
     return mask_sample(lab, aff, spacing, *body_region_vectors(lab, body_region), device)

@@ -13,7 +13,8 @@ class Result:
 
 def call_cli(capsys, *args):
     "The entry function in this process (quicker than a subprocess for the error paths)."
-    rc = build_mask_db_cli([str(a) for a in args])
+    try: rc = build_mask_db_cli([str(a) for a in args])
+    except SystemExit as e: rc = e.code
     cap = capsys.readouterr()
     return Result(rc, cap.out, cap.err)
 
@@ -73,6 +74,12 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     r = call_cli(capsys, tmp_path / "empty", tmp_path / "db.json")
     assert r.returncode == 2 and "no .nii" in r.stderr
     with pytest.raises(SystemExit): build_mask_db_cli(["--help"])
+    (tmp_path / "m").mkdir(); (tmp_path / "m" / "a.nii.gz").write_text("not a nifti")
+    r = call_cli(capsys, tmp_path / "m", tmp_path / "m")                      # the database path is a folder
+    assert r.returncode == 2 and "out_json" in r.stderr and "is a folder" in r.stderr
+    (tmp_path / "names.json").write_text("{not json")
+    r = call_cli(capsys, tmp_path / "m", tmp_path / "db.json", "--names", tmp_path / "names.json", "--out-mask-dir", tmp_path / "o")
+    assert r.returncode == 2 and "names.json is not valid JSON" in r.stderr and len(r.stderr.splitlines()) == 1
 
 def test_cli_totalsegmentator_names(tmp_path, capsys):
     src = tmp_path / "ts"
