@@ -12,7 +12,8 @@ import numpy as np
 from scipy import ndimage as ndi
 from .labels import (LABELS, BODY_ID, BODY_REGIONS, label_id, body_region_index, region_one_hot,
                              region_indices_from_mask)
-from .utils import progress, save_nifti, save_json, affine_from_spacing
+from .utils import progress, save_nifti, save_json, affine_from_spacing, check_output_dir
+from .config import command_parser, cli_command
 
 # %% auto #0
 __all__ = ['WINDOWS', 'REGION_Z', 'SPINE', 'LEVEL_Z', 'TISSUES', 'LOBES', 'ORGAN_SCALE_KEYS', 'TUMOR_RADIUS', 'label_colors',
@@ -1017,6 +1018,16 @@ def _write_one(job):
     return rec | {"dim": list(size), "spacing": list(sp), "top_region_index": top, "bottom_region_index": bottom}
 
 # %% ../nbs/00e_phantoms.ipynb #eaaf888f
+def _free_out_dir(out_dir, n:int, datalist:str, overwrite:bool, what:str="out_dir") -> Path:
+    "The dataset folder, checked (a writable folder, not a file) and free of the outputs unless `overwrite`."
+    out = check_output_dir(out_dir, what, create=False)
+    targets = [out / datalist] + [out / f"{d}/p{i:04d}.nii.gz" for i in range(n) for d in ("imagesTr", "labelsTr")]
+    existing = [p for p in targets if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{what}: {len(existing)} output file(s) already exist, e.g. {existing[0]}; "
+                              "pass overwrite=True (--overwrite) to replace them")
+    return check_output_dir(out, what)
+
 def make_phantom_dataset(out_dir, # folder for imagesTr/, labelsTr/ and the datalist
                          n:int, # number of volumes
                          output_size=(64, 64, 64), # voxels of every volume
@@ -1041,12 +1052,7 @@ def make_phantom_dataset(out_dir, # folder for imagesTr/, labelsTr/ and the data
     if not (isinstance(z_jitter_mm, (int, float)) and 0 <= z_jitter_mm <= 200): raise ValueError(f"z_jitter_mm: expected a number in [0, 200], got {z_jitter_mm!r}")
     for name, v in (("folds", folds), ("num_workers", num_workers)):
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1: raise ValueError(f"{name}: expected a positive integer, got {v!r}")
-    out = Path(out_dir); dl = out / datalist
-    targets = [dl] + [out / f"{d}/p{i:04d}.nii.gz" for i in range(n) for d in ("imagesTr", "labelsTr")]
-    existing = [p for p in targets if p.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"out_dir: {len(existing)} output file(s) already exist, e.g. {existing[0]}; "
-                              "pass overwrite=True (--overwrite) to replace them")
+    out = _free_out_dir(out_dir, n, datalist, overwrite); dl = out / datalist
     jobs = [(str(out), i, i % folds, size, sp, *_volume_plan(seed, i, choices, tumor_prob), image_dtype, overwrite,
              float(z_jitter_mm)) for i in range(n)]
     if num_workers == 1: recs = [_write_one(j) for j in progress(jobs, desc="phantoms")]
@@ -1055,10 +1061,11 @@ def make_phantom_dataset(out_dir, # folder for imagesTr/, labelsTr/ and the data
     return save_json({"training": recs}, dl, overwrite=overwrite)
 
 # %% ../nbs/00e_phantoms.ipynb #ffb94fc7
+@cli_command("maisi_make_phantoms")
 def make_phantoms_cli(argv=None): # list of arguments; None reads sys.argv
     "Command line: write a phantom dataset (see `make_phantom_dataset`); bad values stop it before any work."
-    p = argparse.ArgumentParser(prog="maisi_make_phantoms", description="Write procedural CT phantoms (NIfTI image/label "
-                                "pairs in MAISI label ids) and an upstream-format datalist JSON.")
+    p = command_parser("maisi_make_phantoms", "Write procedural CT phantoms (NIfTI image/label pairs in MAISI label ids) "
+                       "and an upstream-format datalist JSON.", device=False)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--n", type=int, default=10, help="number of volumes (default 10)")
     p.add_argument("--size", type=int, nargs=3, default=[64, 64, 64], metavar=("X", "Y", "Z"), help="voxels (default 64 64 64)")
@@ -1066,23 +1073,21 @@ def make_phantoms_cli(argv=None): # list of arguments; None reads sys.argv
     p.add_argument("--regions", nargs="+", default=["chest,abdomen"],
                    help="region choices drawn per volume; each is one region or a comma-joined contiguous run, "
                         "e.g. --regions chest abdomen chest,abdomen (regions: head, chest, abdomen, lower)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tumor-prob", type=float, default=0., help="chance of one tumour per volume (default 0)")
     p.add_argument("--image-dtype", choices=["int16", "float32"], default="int16")
     p.add_argument("--workers", type=int, default=1, help="processes (default 1)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     a = p.parse_args(argv)
-    try:
-        if a.n < 1: raise ValueError(f"--n: expected a positive integer, got {a.n}")
-        if not 0 <= a.tumor_prob <= 1: raise ValueError(f"--tumor-prob: expected a number in [0, 1], got {a.tumor_prob}")
-        if a.workers < 1: raise ValueError(f"--workers: expected a positive integer, got {a.workers}")
-        _check_seed(a.seed, "--seed")
-        _check_triple(a.size, "--size", int); _check_triple(a.spacing, "--spacing", float)
-        parse_region_choices(a.regions, "--regions")
-        path = make_phantom_dataset(a.out, a.n, a.size, a.spacing, a.regions, a.seed, a.tumor_prob, a.overwrite,
-                                    a.image_dtype, num_workers=a.workers)
-    except (ValueError, FileExistsError) as e: p.error(str(e))
+    if a.n < 1: raise ValueError(f"--n: expected a positive integer, got {a.n}")
+    if not 0 <= a.tumor_prob <= 1: raise ValueError(f"--tumor-prob: expected a number in [0, 1], got {a.tumor_prob}")
+    if a.workers < 1: raise ValueError(f"--workers: expected a positive integer, got {a.workers}")
+    _check_seed(a.seed, "--seed")
+    _check_triple(a.size, "--size", int); _check_triple(a.spacing, "--spacing", float)
+    parse_region_choices(a.regions, "--regions")
+    _free_out_dir(a.out, a.n, "datalist.json", a.overwrite, "--out")
+    path = make_phantom_dataset(a.out, a.n, a.size, a.spacing, a.regions, a.seed, a.tumor_prob, a.overwrite,
+                                a.image_dtype, num_workers=a.workers)
     print(f"wrote {a.n} phantoms and {path}")
+
 
 # %% ../nbs/00e_phantoms.ipynb #29c4bd84
 #| eval: false

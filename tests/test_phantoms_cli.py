@@ -59,12 +59,17 @@ def test_cli_refuses_existing_outputs(tmp_path, capsys):
     (["--seed", "-2"], "--seed: expected a non-negative integer"),
     (["--workers", "0"], "--workers: expected a positive integer"),
     (["--size", "16", "16"], "--size: expected 3 argument"),
+    (["--out", "datalist.json"], "--out: .*is a file, not a folder"),
 ])
 def test_cli_bad_values_fail_before_work(tmp_path, capsys, args, msg):
+    import re
     out = tmp_path / "ds"
+    (tmp_path / "datalist.json").write_text("{}")
+    args = [str(tmp_path / a) if a == "datalist.json" else a for a in args]
     with pytest.raises(SystemExit) as e: make_phantoms_cli(["--out", str(out), *TINY, *args])
     assert e.value.code == 2
-    assert msg in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert re.search(re.escape(msg) if "*" not in msg else msg, err) and len(err.splitlines()) == 1, err
     assert not out.exists()  # nothing written
 
 def test_python_dash_m(tmp_path):
