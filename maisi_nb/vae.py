@@ -4,12 +4,11 @@
 
 # %% ../nbs/01_vae_train.ipynb #07a606b6
 from __future__ import annotations
-import argparse, copy, difflib, importlib.util, json, logging, math, os, sys, time
+import importlib.util, json, logging, math, os, time
 from collections import defaultdict
 from pathlib import Path
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 import torch.nn.functional as F
 import matplotlib.pyplot as plt
@@ -19,18 +18,22 @@ from monai.inferers import SlidingWindowInferer
 from monai.losses import PatchAdversarialLoss, PerceptualLoss
 from monai.metrics import PSNRMetric, SSIMMetric
 from monai.networks.nets import PatchDiscriminator
+from monai.utils import convert_to_tensor
 from .data import VAEModalityTransform, read_datalist, split_by_fold, vae_transforms, validate_dataset
 from .networks import build_networks, load_checkpoint as load_network_checkpoint
 from .features import load_hed_vgg16, preprocess_slices
-from .utils import atomic_path, default_device, make_generator, progress, randn, torch_save
+from .utils import default_device, make_generator, progress, randn, torch_save
+from .config import Field, number, vector, choice, BOOL, NONE, TEXT, load_config, command_parser, cli_command
+from .training import (setup_distributed, ddp, all_reduce_sums, mix_seed, epoch_generator, amp_enabled,
+                               amp_step, RunFiles, Trainer, prepare_run, plot_history, save_plot)
 
 # %% auto #0
-__all__ = ['log', 'VAE_TRAIN_CONFIG', 'VAE_TRAIN_EXTRAS', 'VAE_ENVIRONMENT', 'SQUEEZENET_FILE', 'TRAIN_STATE_FILE',
+__all__ = ['log', 'VAE_TRAIN_CONFIG', 'VAE_TRAIN_EXTRAS', 'VAE_ENVIRONMENT', 'VAE_RULES', 'SQUEEZENET_FILE', 'TRAIN_STATE_FILE',
            'validate_vae_train_config', 'load_vae_train_config', 'kl_loss', 'warmup_factor', 'Fake3DPerceptualLoss',
            'VGGFeatureDistance', 'make_perceptual_loss', 'perceptual_distance', 'build_vae_networks',
            'check_discriminator_patch', 'vae_datalists', 'vae_datasets', 'vae_train_loader', 'MeanReconstruction',
-           'dynamic_infer', 'validate_vae', 'SampledAutoencoder', 'VAETrainer', 'reconstruct', 'plot_history',
-           'show_reconstruction', 'save_figure', 'setup_distributed', 'train_vae', 'train_vae_cli']
+           'dynamic_infer', 'validate_vae', 'SampledAutoencoder', 'VAETrainer', 'reconstruct', 'show_reconstruction',
+           'train_vae', 'train_vae_cli']
 
 # %% ../nbs/01_vae_train.ipynb #8a8fa620
 log = logging.getLogger("maisi_nb.vae")
@@ -55,89 +58,33 @@ VAE_ENVIRONMENT = {  # environment_maisi_vae_train.json, plus where the data and
     "trained_autoencoder_path": None, "network": "maisi-rflow"}
 
 # %% ../nbs/01_vae_train.ipynb #a2b993c8
-def _vec3(v, lo=1, kind=int):
-    return isinstance(v, (list, tuple)) and len(v) == 3 and all(
-        isinstance(x, (int, float)) and not isinstance(x, bool) and (kind is float or float(x).is_integer())
-        and x >= lo for x in v)
-
-def _num(lo=0.0, hi=math.inf, integer=False):
-    return lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v <= hi
-                      and (not integer or float(v).is_integer()))
-
-_is_bool = lambda v: isinstance(v, bool)
-_opt_path = lambda v: v is None or isinstance(v, str)
-_RULES = {
-    "random_aug": (_is_bool, "true or false"), "amp": (_is_bool, "true or false"),
-    "spacing_type": (lambda v: v in ("original", "fixed", "rand_zoom"), "'original', 'fixed' or 'rand_zoom'"),
-    "spacing": (lambda v: v is None or _vec3(v, 1e-6, float), "null or three positive numbers (mm)"),
-    "select_channel": (_num(0, integer=True), "an integer >= 0"),
-    "batch_size": (_num(1, integer=True), "an integer >= 1"), "val_batch_size": (_num(1, integer=True), "an integer >= 1"),
-    "patch_size": (lambda v: _vec3(v, 4) and all(x % 4 == 0 for x in v), "three integers, multiples of 4"),
-    "val_patch_size": (lambda v: v is None or (_vec3(v, 4) and all(x % 4 == 0 for x in v)),
-                       "null (whole volume) or three integers, multiples of 4"),
-    "val_sliding_window_patch_size": (lambda v: _vec3(v, 4) and all(x % 4 == 0 for x in v),
-                                      "three integers, multiples of 4"),
-    "lr": (_num(1e-12, 1.0), "a number in (0, 1]"), "perceptual_weight": (_num(), "a number >= 0"),
-    "kl_weight": (_num(), "a number >= 0"), "adv_weight": (_num(), "a number >= 0"),
-    "recon_loss": (lambda v: v in ("l1", "l2"), "'l1' or 'l2'"),
-    "val_interval": (_num(1, integer=True), "an integer >= 1"), "cache": (_num(0, 1), "a number in [0, 1]"),
-    "n_epochs": (_num(1, integer=True), "an integer >= 1"),
-    "lr_warmup": (lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(
-        isinstance(p, (list, tuple)) and len(p) == 2 and _num(0, integer=True)(p[0]) and _num(0)(p[1]) for p in v)
-        and v[0][0] == 0, "a list of [first_epoch, factor] pairs starting at epoch 0, e.g. [[0, 1.0]]"),
-    "perceptual_network": (lambda v: v in ("auto", "squeeze", "vgg16-hed", "none"),
-                           "'auto', 'squeeze', 'vgg16-hed' or 'none'"),
-    "perceptual_cache_dir": (_opt_path, "null or a folder"), "fake_3d_ratio": (_num(1e-6, 1), "a number in (0, 1]"),
-    "disc_channels": (_num(1, integer=True), "an integer >= 1"), "disc_num_layers": (_num(1, 6, integer=True), "1 to 6"),
-    "seed": (_num(0, integer=True), "an integer >= 0"), "num_workers": (_num(0, integer=True), "an integer >= 0"),
-    "steps_per_epoch": (lambda v: v is None or _num(1, integer=True)(v), "null or an integer >= 1"),
-    "model_dir": (lambda v: isinstance(v, str) and v != "", "a folder"), "tfevent_path": (_opt_path, "a folder"), "json_data_list": (_opt_path, "a JSON file"),
-    "data_base_dir": (_opt_path, "a folder"), "trained_autoencoder_path": (_opt_path, "a .pt file"),
-    "network": (lambda v: isinstance(v, (str, dict)), "a preset name, a network-config file or a dict")}
+_INT1, _INT0, _PATCH = number(1, integer=True), number(0, integer=True), vector(3, 4, multiple_of=4)
+_WARMUP = Field(lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(
+    isinstance(p, (list, tuple)) and len(p) == 2 and _INT0.check(p[0]) and number(0).check(p[1]) for p in v)
+    and v[0][0] == 0, "a list of [first_epoch, factor] pairs starting at epoch 0, e.g. [[0, 1.0]]")
+_PATH = NONE | TEXT
+VAE_RULES = {
+    "random_aug": BOOL, "amp": BOOL, "spacing_type": choice("original", "fixed", "rand_zoom"),
+    "spacing": NONE | vector(3, 0, lo_open=True), "select_channel": _INT0,
+    "batch_size": _INT1, "val_batch_size": _INT1, "patch_size": _PATCH, "val_patch_size": NONE | _PATCH,
+    "val_sliding_window_patch_size": _PATCH, "lr": number(0, 1, lo_open=True), "perceptual_weight": number(0),
+    "kl_weight": number(0), "adv_weight": number(0), "recon_loss": choice("l1", "l2"), "val_interval": _INT1,
+    "cache": number(0, 1), "n_epochs": _INT1, "lr_warmup": _WARMUP,
+    "perceptual_network": choice("auto", "squeeze", "vgg16-hed", "none"), "perceptual_cache_dir": _PATH,
+    "fake_3d_ratio": number(0, 1, lo_open=True), "disc_channels": _INT1, "disc_num_layers": number(1, 6, integer=True),
+    "seed": _INT0, "num_workers": _INT0, "steps_per_epoch": NONE | _INT1,
+    "model_dir": TEXT, "tfevent_path": _PATH, "json_data_list": _PATH, "data_base_dir": _PATH,
+    "trained_autoencoder_path": _PATH,
+    "network": Field(lambda v: isinstance(v, (str, dict)) and v != "", "a preset name, a network-config file or a dict")}
 
 # %% ../nbs/01_vae_train.ipynb #d0769ae3
-def _read_json(src, what):
-    if src is None: return {}
-    if isinstance(src, dict): return copy.deepcopy(src)
-    p = Path(src)
-    if not p.is_file(): raise FileNotFoundError(f"{what}: no such file {str(p)!r}")
-    try: d = json.loads(p.read_text())
-    except json.JSONDecodeError as e: raise ValueError(f"{what}: {p} is not valid JSON ({e})") from None
-    if not isinstance(d, dict): raise ValueError(f"{what}: {p} must hold a JSON object, got {type(d).__name__}")
-    return d
-
-def _unknown(key, allowed, where):
-    near = difflib.get_close_matches(key, allowed, n=1)
-    hint = f" (did you mean {near[0]!r}?)" if near else ""
-    return ValueError(f"{where}: unknown key {key!r}{hint}; allowed: {', '.join(sorted(allowed))}")
-
-def _defaults():
+def _defaults() -> dict:
     return {"data_option": dict(VAE_TRAIN_CONFIG["data_option"]),
             "autoencoder_train": {**VAE_TRAIN_CONFIG["autoencoder_train"], **VAE_TRAIN_EXTRAS},
             "environment": dict(VAE_ENVIRONMENT)}
 
-# %% ../nbs/01_vae_train.ipynb #94e519fb
-def _set(cfg, key, value, where):
-    "Put `key` into the section that owns it (`section.key` or a bare key)."
-    sec, _, k = key.rpartition(".")
-    owners = [s for s in cfg if k in cfg[s]] if not sec else [sec]
-    if sec and sec not in cfg: raise _unknown(sec, list(cfg), where)
-    if not owners or k not in cfg[owners[0]]: raise _unknown(k, [x for s in cfg for x in cfg[s]], where)
-    cfg[owners[0]][k] = str(value) if isinstance(value, os.PathLike) else copy.deepcopy(value)
-
-def _parse_override(item):
-    if "=" not in item: raise ValueError(f"override {item!r}: expected key=value, e.g. n_epochs=3")
-    key, raw = item.split("=", 1)
-    try: return key.strip(), json.loads(raw)
-    except json.JSONDecodeError: return key.strip(), raw  # a bare string such as recon_loss=l2
-
 def validate_vae_train_config(cfg:dict) -> dict:
-    "Check every value of a merged VAE training config; raise ValueError naming the key, the value and what is allowed."
-    for name, sec in cfg.items():
-        for k, v in sec.items():
-            if k not in _RULES: raise _unknown(k, list(_RULES), name)
-            ok, allowed = _RULES[k]
-            if not ok(v): raise ValueError(f"{k}: got {v!r}; expected {allowed}")
+    "The checks that involve two keys: fixed spacing needs a spacing; the perceptual slice ratio must pick a slice."
     d, t = cfg["data_option"], cfg["autoencoder_train"]
     if d["spacing_type"] == "fixed" and d["spacing"] is None:
         raise ValueError("spacing: got None; spacing_type 'fixed' needs three positive numbers (mm)")
@@ -152,13 +99,7 @@ def load_vae_train_config(config=None, # config_maisi_vae_train.json path or dic
                           overrides=(), # "key=value" or "section.key=value" strings, values parsed as JSON
                          ) -> dict:
     "Merge defaults, config, environment and overrides into a checked config with sections data_option, autoencoder_train, environment."
-    cfg = _defaults()
-    for sec, vals in _read_json(config, "config").items():
-        if sec not in ("data_option", "autoencoder_train"): raise _unknown(sec, ["data_option", "autoencoder_train"], "config")
-        if not isinstance(vals, dict): raise ValueError(f"config: section {sec!r} must be an object, got {vals!r}")
-        for k, v in vals.items(): _set(cfg, f"{sec}.{k}", v, f"config section {sec!r}")
-    for k, v in _read_json(environment, "environment").items(): _set(cfg, f"environment.{k}", v, "environment")
-    for item in overrides: _set(cfg, *_parse_override(item), "override")
+    cfg = load_config(_defaults(), VAE_RULES, [(config, "config", None), (environment, "environment", "environment")], overrides)
     return validate_vae_train_config(cfg)
 
 # %% ../nbs/01_vae_train.ipynb #5c60be4f
@@ -313,12 +254,10 @@ def vae_datasets(train_files:list, val_files:list, config:dict, rank:int=0, worl
     return mk(train_files, True), mk(val_files, False)
 
 # %% ../nbs/01_vae_train.ipynb #30d7c0d0
-def _mix_seed(*ints) -> int: return int(np.random.SeedSequence([int(i) for i in ints]).generate_state(1)[0])
-
 def vae_train_loader(ds, # training dataset (this rank's shard)
                      epoch:int, batch_size:int, seed:int, rank:int=0, num_workers:int=0):
     "A shuffling DataLoader whose order and augmentations are fixed by (seed, epoch, rank)."
-    g = make_generator(_mix_seed(seed, epoch, rank))
+    g = epoch_generator(seed, epoch, rank, stream=1)
     return DataLoader(ds, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=num_workers, generator=g)
 
 # %% ../nbs/01_vae_train.ipynb #14be9dc6
@@ -343,19 +282,11 @@ def dynamic_infer(images:torch.Tensor, # (B,C,X,Y,Z)
     return inferer(images, model)
 
 # %% ../nbs/01_vae_train.ipynb #452ad066
-def _all_reduce(sums:dict, device) -> dict:
-    "Sum a dict of floats over DDP ranks (no-op when not distributed)."
-    if not (dist.is_available() and dist.is_initialized()): return dict(sums)
-    keys = sorted(sums)
-    t = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return dict(zip(keys, t.tolist()))
-
 def _recon_fn(name): return nn.L1Loss() if name == "l1" else nn.MSELoss()
 
 def _plain(x:torch.Tensor) -> torch.Tensor:
     "A plain tensor view of a MONAI MetaTensor (its per-op metadata tracking makes training several times slower)."
-    return x.as_tensor() if hasattr(x, "as_tensor") else x
+    return convert_to_tensor(x, track_meta=False)
 
 # %% ../nbs/01_vae_train.ipynb #ea672693
 @torch.no_grad()
@@ -379,7 +310,7 @@ def validate_vae(autoencoder:nn.Module, loader, # batches of {"image": (B,1,X,Y,
             s["perceptual"] += float(perceptual_distance(perceptual, recon.to(device), x.to(device), g)) * b
         s["psnr"] += float(psnr(rc, x).sum()); s["ssim"] += float(ssim(rc, x).sum())
         s["inv_std_z"] += float((1 / mu.flatten(1).std(1)).sum()); s["n"] += b
-    s = _all_reduce(s, device); n = s.pop("n")
+    s = all_reduce_sums(s, device); n = s.pop("n")
     if n == 0: raise ValueError("validate_vae: the validation loader is empty")
     out = {k: v / n for k, v in s.items()}
     out["loss"] = out["recon"] + kl_weight * out["kl"] + perceptual_weight * out.get("perceptual", 0.0)
@@ -396,22 +327,16 @@ class SampledAutoencoder(nn.Module):
         return self.autoencoder.decode(z), z_mu, z_sigma
 
 # %% ../nbs/01_vae_train.ipynb #2c238059
-TRAIN_STATE_FILE = "vae_train_state.pt"  # optimisers, schedulers, scalers, epoch, history (beside the weights)
-
-def _ddp(module, device, world_size):
-    if world_size == 1: return module
-    return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
-
 class VAETrainer:
     "MAISI's VAE-GAN training state: networks, Adam optimisers, per-epoch LambdaLR, grad scalers and losses."
     def __init__(self, autoencoder:nn.Module, discriminator:nn.Module, config:dict, perceptual:nn.Module|None=None,
                  device=None, rank:int=0, world_size:int=1):
         t = self.cfg = config["autoencoder_train"]; self.config = config
         self.device, self.rank, self.world_size = default_device(device), rank, world_size
-        self.amp = bool(t["amp"]) and self.device.type == "cuda"
+        self.amp = amp_enabled(t["amp"], self.device)
         self.autoencoder, self.discriminator = autoencoder.to(self.device), discriminator.to(self.device)
-        self.g = _ddp(SampledAutoencoder(self.autoencoder), self.device, world_size)
-        self.d = _ddp(self.discriminator, self.device, world_size)
+        self.g = ddp(SampledAutoencoder(self.autoencoder), self.device, world_size)
+        self.d = ddp(self.discriminator, self.device, world_size)
         adam = lambda m: torch.optim.Adam(m.parameters(), lr=t["lr"], eps=1e-6 if self.amp else 1e-8)
         self.opt_g, self.opt_d = adam(self.autoencoder), adam(self.discriminator)
         lam = warmup_factor(t["lr_warmup"])
@@ -420,27 +345,27 @@ class VAETrainer:
                                                              enabled=self.amp) for _ in range(2)]
         self.recon_loss, self.adv_loss = _recon_fn(t["recon_loss"]), PatchAdversarialLoss(criterion="least_squares")
         self.perceptual = None if perceptual is None else perceptual.to(self.device)
-        self.generator = make_generator(_mix_seed(t["seed"], rank))
-        self.epoch, self.best_val_loss, self.history = 0, math.inf, []
+        self.generator = make_generator(mix_seed(t["seed"], rank))  # for steps run outside `fit`
+        self.trainer = None
 
 # %% ../nbs/01_vae_train.ipynb #d41557ee
 @patch
 def train_step(self:VAETrainer, images:torch.Tensor, # (B,1,X,Y,Z) patches in [0,1]
+               generator:torch.Generator|None=None, # draws the latent sample and the perceptual slices
               ) -> dict:
     "One generator step then one discriminator step; returns the loss values."
-    t, x, dt = self.cfg, _plain(images).to(self.device).float(), self.device.type
+    t, x, dt, g = self.cfg, _plain(images).to(self.device).float(), self.device.type, generator or self.generator
     self.opt_g.zero_grad(set_to_none=True)
     with torch.autocast(dt, enabled=self.amp):
-        recon, z_mu, z_sigma = self.g(x, self.generator)
+        recon, z_mu, z_sigma = self.g(x, g)
         out = {"recon": self.recon_loss(recon.float(), x), "kl": kl_loss(z_mu.float(), z_sigma.float())}
         if self.perceptual is not None and t["perceptual_weight"] > 0:
-            out["perceptual"] = perceptual_distance(self.perceptual, recon, x, self.generator)
+            out["perceptual"] = perceptual_distance(self.perceptual, recon, x, g)
         if t["adv_weight"] > 0:
             out["adv_g"] = self.adv_loss(self.d(recon.float())[-1], target_is_real=True, for_discriminator=False)
         w = {"recon": 1.0, "kl": t["kl_weight"], "perceptual": t["perceptual_weight"], "adv_g": t["adv_weight"]}
         out["loss_g"] = sum(w[k] * v for k, v in out.items())
-    self.scaler_g.scale(out["loss_g"]).backward()
-    self.scaler_g.unscale_(self.opt_g); self.scaler_g.step(self.opt_g); self.scaler_g.update()
+    amp_step(out["loss_g"], self.opt_g, self.scaler_g, unscale=True)
     if t["adv_weight"] > 0: out["loss_d"] = self._discriminator_step(recon.detach(), x)
     return {k: float(v.detach()) for k, v in out.items()}
 
@@ -451,101 +376,58 @@ def _discriminator_step(self:VAETrainer, fake, real):
         logits_fake, logits_real = self.d(torch.cat([fake.float(), real]).contiguous())[-1].chunk(2)
         loss_d = 0.5 * (self.adv_loss(logits_fake, target_is_real=False, for_discriminator=True)
                         + self.adv_loss(logits_real, target_is_real=True, for_discriminator=True))
-    self.scaler_d.scale(loss_d).backward(); self.scaler_d.step(self.opt_d); self.scaler_d.update()
+    amp_step(loss_d, self.opt_d, self.scaler_d)
     return loss_d
 
 # %% ../nbs/01_vae_train.ipynb #5c60cde5
-@patch
-def train_epoch(self:VAETrainer, loader, steps:int) -> dict:
-    "Run `steps` training steps from `loader`, step the LR schedulers; mean losses over steps (and ranks)."
-    self.g.train(); self.d.train()
-    self.generator.manual_seed(_mix_seed(self.cfg["seed"], self.epoch, self.rank, 1))
-    s, n = defaultdict(float), 0
-    for batch in progress(loader, desc=f"epoch {self.epoch}", total=steps):
-        if n >= steps: break
-        for k, v in self.train_step(batch["image"]).items(): s[k] += v
-        n += 1
-    self.sched_g.step()
-    if self.cfg["adv_weight"] > 0: self.sched_d.step()   # the discriminator only trains (and steps) with an adversarial term
-    s = _all_reduce({**s, "n": n}, self.device); n = s.pop("n")
-    return {k: v / n for k, v in s.items()}
-
-# %% ../nbs/01_vae_train.ipynb #e1a14157
-@patch
-def training_state(self:VAETrainer) -> dict:
-    "Everything besides the weights that `--resume` needs."
-    return {"epoch": self.epoch, "best_val_loss": self.best_val_loss, "history": self.history, "config": self.config,
-            **{k: v.state_dict() for k, v in self._stateful().items()}}
+TRAIN_STATE_FILE = "autoencoder_train_state.pt"  # the training core's state file of a VAE run (`RunFiles(model_dir, "autoencoder")`)
 
 @patch
-def _stateful(self:VAETrainer) -> dict:
-    return {"optimizer_g": self.opt_g, "optimizer_d": self.opt_d, "scheduler_g": self.sched_g,
-            "scheduler_d": self.sched_d, "scaler_g": self.scaler_g, "scaler_d": self.scaler_d}
-
-@patch
-def save_checkpoint(self:VAETrainer, model_dir, best:bool=False):
-    "Write autoencoder.pt, discriminator.pt, autoencoder_epoch{N}.pt (if best), then vae_train_state.pt."
+def export_weights(self:VAETrainer, model_dir, record:dict, improved:bool):
+    "Write autoencoder.pt and discriminator.pt, and autoencoder_epoch{N}.pt when the validation loss improved."
     d = Path(model_dir)
     torch_save(self.autoencoder.state_dict(), d / "autoencoder.pt")
     torch_save(self.discriminator.state_dict(), d / "discriminator.pt")
-    if best: torch_save(self.autoencoder.state_dict(), d / f"autoencoder_epoch{self.epoch - 1}.pt")
-    torch_save(self.training_state(), d / TRAIN_STATE_FILE)
-
-# %% ../nbs/01_vae_train.ipynb #1d02e3e0
-@patch
-def load_checkpoint(self:VAETrainer, model_dir):
-    "Restore weights and training state written by `save_checkpoint` (for --resume)."
-    d = Path(model_dir)
-    files = [d / "autoencoder.pt", d / "discriminator.pt", d / TRAIN_STATE_FILE]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing: raise FileNotFoundError(f"resume: nothing to resume from, missing {missing}")
-    ae, disc, st = (torch.load(f, map_location=self.device, weights_only=True) for f in files)
-    self.autoencoder.load_state_dict(ae); self.discriminator.load_state_dict(disc)
-    for k, obj in self._stateful().items(): obj.load_state_dict(st[k])
-    self.epoch, self.best_val_loss, self.history = st["epoch"], st["best_val_loss"], st["history"]
-    return self
-
-# %% ../nbs/01_vae_train.ipynb #1565d429
-@patch
-def log_epoch(self:VAETrainer, record:dict, tfevent_path=None):
-    "Log one epoch: a short line, metrics.jsonl under tfevent_path, TensorBoard scalars if available (rank 0 only)."
-    if self.rank != 0: return
-    log.info("epoch %d: %s", record["epoch"], ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch"))
-    if tfevent_path is None: return
-    p = Path(tfevent_path); p.mkdir(parents=True, exist_ok=True)
-    with open(p / "metrics.jsonl", "a") as f: f.write(json.dumps(record) + "\n")
-    if getattr(self, "_tb", None) is None:
-        try: from torch.utils.tensorboard import SummaryWriter; self._tb = SummaryWriter(str(p))
-        except ImportError: self._tb = False
-    if self._tb:
-        for k, v in record.items(): self._tb.add_scalar(k, v, record["epoch"])
-        self._tb.flush()
+    if improved: torch_save(self.autoencoder.state_dict(), d / f"autoencoder_epoch{record['epoch'] - 1}.pt")
 
 # %% ../nbs/01_vae_train.ipynb #d355bc6a
 @patch
 def fit(self:VAETrainer, train_ds, # this rank's training dataset
         val_loader=None, # whole-volume validation loader (None: no validation)
         steps:int|None=None, # steps per epoch, equal on all ranks (default: len(train_ds) // batch_size)
-        model_dir=None, tfevent_path=None, # where checkpoints / logs go (None: not written)
+        model_dir=None, tfevent_path=None, # where checkpoints / TensorBoard scalars go (None: not written)
+        resume:bool=False, # continue the run in model_dir
+        until_epoch:int|None=None, # stop after this many epochs (continue later with resume)
        ) -> list:
-    "Train from `self.epoch` to n_epochs with validation, checkpoints and logs; returns the history."
+    "Train from the last saved epoch (or 0) to n_epochs with validation and checkpoints; returns the epoch records."
     t = self.cfg
     steps = steps or min(len(train_ds) // t["batch_size"], t["steps_per_epoch"] or math.inf)
-    for epoch in range(self.epoch, t["n_epochs"]):
-        t0, lr = time.time(), self.opt_g.param_groups[0]["lr"]
-        loader = vae_train_loader(train_ds, epoch, t["batch_size"], t["seed"], self.rank, t["num_workers"])
-        rec = {"epoch": epoch, "lr": lr, **{f"train_{k}": v for k, v in self.train_epoch(loader, steps).items()}}
-        rec["train_time_s"], best = time.time() - t0, False
-        if val_loader is not None and (epoch % t["val_interval"] == 0 or epoch == t["n_epochs"] - 1):
-            val = validate_vae(self.autoencoder, val_loader, t["val_sliding_window_patch_size"], self.perceptual,
-                               t["recon_loss"], t["kl_weight"], t["perceptual_weight"], self.device, self.amp, t["seed"])
-            rec.update({f"val_{k}": v for k, v in val.items()})
-            best = val["loss"] < self.best_val_loss
-            if best: self.best_val_loss = val["loss"]
-        self.epoch = epoch + 1; self.history.append(rec)
-        if self.rank == 0 and model_dir is not None: self.save_checkpoint(model_dir, best)
-        self.log_epoch(rec, tfevent_path)
-    return self.history
+    validate = None if val_loader is None else lambda epoch: validate_vae(
+        self.autoencoder, val_loader, t["val_sliding_window_patch_size"], self.perceptual, t["recon_loss"],
+        t["kl_weight"], t["perceptual_weight"], self.device, self.amp, t["seed"])
+    stateful = {"autoencoder": self.autoencoder, "discriminator": self.discriminator, "optimizer_g": self.opt_g,
+                "optimizer_d": self.opt_d, "scheduler_g": self.sched_g, "scheduler_d": self.sched_d,
+                "scaler_g": self.scaler_g, "scaler_d": self.scaler_d}
+    self.trainer = Trainer(
+        lambda batch, g: self.train_step(batch["image"], g), stateful,
+        lambda epoch: vae_train_loader(train_ds, epoch, t["batch_size"], t["seed"], self.rank, t["num_workers"]),
+        t["n_epochs"], t["seed"], RunFiles(model_dir, "autoencoder") if model_dir is not None else None,
+        validate=validate, val_interval=t["val_interval"], monitor="val_loss",
+        export=None if model_dir is None else lambda rec, improved: self.export_weights(model_dir, rec, improved),
+        epoch_schedulers=[self.sched_g] + ([self.sched_d] if t["adv_weight"] > 0 else []), lr_of=self.opt_g,
+        steps_per_epoch=steps, loss_key="loss_g", meta={"batch_size": t["batch_size"], "patch_size": list(t["patch_size"])},
+        rank=self.rank, world_size=self.world_size, device=self.device, tfevent_path=tfevent_path)
+    self.trainer.fit(resume=resume, until_epoch=until_epoch)
+    return self.records
+
+@patch(as_prop=True)
+def records(self:VAETrainer) -> list: return [] if self.trainer is None else self.trainer.records
+@patch(as_prop=True)
+def history(self:VAETrainer) -> dict: return {} if self.trainer is None else self.trainer.history
+@patch(as_prop=True)
+def epoch(self:VAETrainer) -> int: return 0 if self.trainer is None else self.trainer.epoch
+@patch(as_prop=True)
+def best_val_loss(self:VAETrainer) -> float: return math.inf if self.trainer is None else self.trainer.best
 
 # %% ../nbs/01_vae_train.ipynb #0d9845e5
 def reconstruct(autoencoder:nn.Module, images:torch.Tensor, # (B,1,X,Y,Z) in [0,1], any size
@@ -557,20 +439,6 @@ def reconstruct(autoencoder:nn.Module, images:torch.Tensor, # (B,1,X,Y,Z) in [0,
     with torch.no_grad(), torch.autocast(device.type, enabled=amp):
         out = dynamic_infer(xp.to(device), MeanReconstruction(autoencoder).eval(), roi_size, "cpu")[0]
     return out.float().cpu().clamp(0, 1)[(..., *[slice(0, s) for s in x.shape[2:]])]
-
-def plot_history(history:list, title:str="VAE training"):
-    "Training losses (left, log scale) and validation PSNR / SSIM (right) per epoch."
-    fig, (a, b) = plt.subplots(1, 2, figsize=(8, 2.8), dpi=60)
-    for k in ("train_loss_g", "train_recon", "train_loss_d", "val_recon"):
-        pts = [(h["epoch"], h[k]) for h in history if k in h]
-        if pts: a.plot(*zip(*pts), marker=".", label=k)
-    a.set(yscale="log", xlabel="epoch", title=title); a.legend(fontsize=7)
-    pts = [(h["epoch"], h["val_psnr"], h["val_ssim"]) for h in history if "val_psnr" in h]
-    if pts:
-        e, p, s = zip(*pts); b.plot(e, p, "o-", color="C0"); b.set(xlabel="epoch", ylabel="val PSNR (dB)")
-        b2 = b.twinx(); b2.plot(e, s, "s--", color="C1"); b2.set_ylabel("val SSIM", color="C1")
-    fig.tight_layout()
-    return fig
 
 # %% ../nbs/01_vae_train.ipynb #34dcfa33
 def show_reconstruction(image, recon, # (X,Y,Z) volumes in [0,1]
@@ -591,35 +459,6 @@ def show_reconstruction(image, recon, # (X,Y,Z) volumes in [0,1]
     fig.suptitle(title, fontsize=10)
     return fig
 
-def save_figure(fig, path):
-    "Save a matplotlib figure atomically and close it."
-    with atomic_path(path) as tmp: fig.savefig(tmp, format=Path(path).suffix[1:] or "png")
-    plt.close(fig); return Path(path)
-
-# %% ../nbs/01_vae_train.ipynb #f6e0f4df
-def setup_distributed(device=None) -> tuple:
-    "(rank, world_size, device); joins the torchrun process group (NCCL on GPU, gloo on CPU) when WORLD_SIZE > 1."
-    ws, dev = int(os.environ.get("WORLD_SIZE", 1)), default_device(device)
-    if ws == 1: return 0, 1, dev
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
-    if dev.type == "cuda": dev = torch.device("cuda", local); torch.cuda.set_device(dev)
-    if not dist.is_initialized(): dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return rank, ws, dev
-
-# %% ../nbs/01_vae_train.ipynb #0f45e0a3
-def _prepare_outputs(env:dict, resume:bool, overwrite:bool, rank:int):
-    md, tb = Path(env["model_dir"]), env["tfevent_path"] and Path(env["tfevent_path"])
-    if resume and overwrite: raise ValueError("resume and overwrite exclude each other")
-    old = [p for p in (md / "autoencoder.pt", md / TRAIN_STATE_FILE) if p.exists()]
-    if resume and not (md / TRAIN_STATE_FILE).exists():
-        raise FileNotFoundError(f"resume: {md / TRAIN_STATE_FILE} not found; nothing to resume")
-    if old and not (resume or overwrite):
-        raise FileExistsError(f"model_dir {str(md)!r} already holds a training run ({old[0].name}); "
-                              "pass resume to continue it or overwrite to start a new one")
-    if overwrite and rank == 0:
-        for p in [*md.glob("autoencoder_epoch*.pt"), *([tb / "metrics.jsonl"] if tb else [])]:
-            if p.exists(): p.unlink(); log.info("overwrite: removed %s", p)
-
 # %% ../nbs/01_vae_train.ipynb #8edb0bce
 def _steps_per_epoch(t:dict, n_train:int, world_size:int) -> int:
     steps = (n_train // world_size) // t["batch_size"]
@@ -631,6 +470,7 @@ def _steps_per_epoch(t:dict, n_train:int, world_size:int) -> int:
 def train_vae(config:dict, # checked config from `load_vae_train_config`
               train_files:list|None=None, val_files:list|None=None, # records; default: environment json_data_list
               device=None, resume:bool=False, overwrite:bool=False,
+              until_epoch:int|None=None, # stop after this many epochs (a time-limited job); continue with resume
              ) -> VAETrainer:
     "Train (or finetune, or resume) MAISI's VAE as upstream does; DDP when started by torchrun."
     env, t = config["environment"], config["autoencoder_train"]
@@ -639,9 +479,11 @@ def train_vae(config:dict, # checked config from `load_vae_train_config`
         train_files, val_files = vae_datalists(env["json_data_list"], env["data_base_dir"])
     rank, ws, device = setup_distributed(device)
     steps = _steps_per_epoch(t, len(train_files), ws)
-    _prepare_outputs(env, resume, overwrite, rank)
+    md = Path(env["model_dir"])
+    prepare_run(RunFiles(md, "autoencoder"), resume, overwrite, outputs=[md / "autoencoder.pt", md / "discriminator.pt"],
+                stale=["autoencoder_epoch*.pt", "autoencoder_reconstruction.png"], rank=rank)
     validate_dataset(list(train_files) + list(val_files or []), allow_channels=config["data_option"]["select_channel"] > 0)
-    amp = t["amp"] and device.type == "cuda"
+    amp = amp_enabled(t["amp"], device)
     ae, disc = build_vae_networks(env["network"], t["disc_channels"], t["disc_num_layers"], amp, t["seed"], device)
     check_discriminator_patch(disc, t["patch_size"])
     if env["trained_autoencoder_path"] and not resume:
@@ -651,53 +493,47 @@ def train_vae(config:dict, # checked config from `load_vae_train_config`
     train_ds, val_ds = vae_datasets(train_files, val_files or [], config, rank, ws, torch.float16 if amp else torch.float32)
     trainer = VAETrainer(ae, disc, config, perceptual, device, rank, ws)
     trainer.perceptual_description = desc
-    if resume: trainer.load_checkpoint(env["model_dir"])
     val_loader = DataLoader(val_ds, batch_size=t["val_batch_size"], num_workers=t["num_workers"]) if val_files else None
-    trainer.fit(train_ds, val_loader, steps, env["model_dir"], env["tfevent_path"])
-    if rank == 0 and env["tfevent_path"]: _final_figures(trainer, val_ds if val_files else train_ds, env["tfevent_path"])
+    trainer.fit(train_ds, val_loader, steps, md, env["tfevent_path"], resume=resume, until_epoch=until_epoch)
+    if rank == 0: _final_figures(trainer, val_ds if val_files else train_ds, md)
     return trainer
 
-def _final_figures(trainer, ds, out):
-    save_figure(plot_history(trainer.history), Path(out) / "loss_curves.png")
+def _final_figures(trainer, ds, model_dir):
+    save_plot(plot_history(trainer.history, "VAE training", val_keys=["val_psnr"]), Path(model_dir) / "autoencoder_loss.png")
     x = ds[0]["image"][None]
     r = reconstruct(trainer.autoencoder, x, trainer.cfg["val_sliding_window_patch_size"], trainer.device, trainer.amp)
-    save_figure(show_reconstruction(x[0, 0], r[0, 0], "first validation volume"), Path(out) / "reconstruction.png")
+    save_plot(show_reconstruction(x[0, 0], r[0, 0], "first validation volume"), Path(model_dir) / "autoencoder_reconstruction.png")
 
 # %% ../nbs/01_vae_train.ipynb #8979316d
 _ENV_FLAGS = {"network": "network", "datalist": "json_data_list", "data_base_dir": "data_base_dir",
               "model_dir": "model_dir", "tfevent_path": "tfevent_path", "finetune": "trained_autoencoder_path"}
 
 def _cli_parser():
-    p = argparse.ArgumentParser(prog="maisi_train_vae", description="Train or finetune MAISI's image VAE.")
+    p = command_parser("maisi_train_vae", "Train or finetune MAISI's image VAE.", resume=True, overrides=True,
+                       seed_default=None)
     p.add_argument("-c", "--config", help="config_maisi_vae_train.json (data_option, autoencoder_train)")
     p.add_argument("-e", "--environment", help="environment JSON (model_dir, tfevent_path, json_data_list, ...)")
     p.add_argument("-n", "--network", help="network preset (tiny, maisi-ddpm, maisi-rflow) or network-config JSON")
     p.add_argument("--datalist", help="datalist JSON with a 'training' (and optional 'validation') list")
     p.add_argument("--data_base_dir", help="folder the datalist's relative paths start from")
-    p.add_argument("--model_dir", help="where autoencoder.pt, discriminator.pt, ... are written")
-    p.add_argument("--tfevent_path", help="where metrics.jsonl and the figures are written")
+    p.add_argument("--model_dir", help="where autoencoder.pt, discriminator.pt, the state and the log are written")
+    p.add_argument("--tfevent_path", help="where TensorBoard scalars are written (when tensorboard is installed)")
+    p.add_argument("--until_epoch", type=int, default=None, help="stop after this many epochs (continue later with --resume)")
     p.add_argument("--finetune", metavar="PT", help="start from these autoencoder weights (trained_autoencoder_path)")
-    p.add_argument("--resume", action="store_true", help="continue the run in model_dir")
-    p.add_argument("--overwrite", action="store_true", help="start a new run in a model_dir that holds one")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("-s", "--set", nargs="+", default=[], metavar="KEY=VALUE", help="overrides, e.g. n_epochs=5 patch_size=[32,32,32]")
     return p
 
 # %% ../nbs/01_vae_train.ipynb #273e4994
+@cli_command("maisi_train_vae")
 def train_vae_cli(argv=None):
     "Entry point of `maisi_train_vae`."
-    p = _cli_parser(); a = p.parse_args(argv)
+    a = _cli_parser().parse_args(argv)
     env = [f"environment.{k}={json.dumps(str(getattr(a, f)))}" for f, k in _ENV_FLAGS.items() if getattr(a, f)]
-    try: cfg = load_vae_train_config(a.config, a.environment, env + a.set)
-    except (ValueError, FileNotFoundError) as e: p.error(str(e))
+    seed = [] if a.seed is None else [f"autoencoder_train.seed={a.seed}"]
+    cfg = load_vae_train_config(a.config, a.environment, env + a.overrides + seed)
     handler, level = logging.StreamHandler(), log.level
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
     log.addHandler(handler); log.setLevel(logging.INFO if int(os.environ.get("RANK", 0)) == 0 else logging.WARNING)
-    try: trainer = train_vae(cfg, device=a.device, resume=a.resume, overwrite=a.overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e: p.exit(2, f"maisi_train_vae: error: {e}\n")
-    finally:
-        log.removeHandler(handler); log.setLevel(level)
-        if dist.is_available() and dist.is_initialized(): dist.destroy_process_group()
+    try: trainer = train_vae(cfg, device=a.device, resume=a.resume, overwrite=a.overwrite, until_epoch=a.until_epoch)
+    finally: log.removeHandler(handler); log.setLevel(level)
     if trainer.rank == 0: print(f"done: {trainer.epoch} epochs, best validation loss {trainer.best_val_loss:.5g}, "
                                 f"weights in {cfg['environment']['model_dir']}")
-    return 0

@@ -21,9 +21,9 @@ def data(tmp_path_factory):
     return d, make_phantom_dataset(d / "data", n=4, output_size=(32, 32, 32), spacing=(4.0, 4.0, 4.0), folds=4)
 
 @pytest.mark.parametrize("args, message", [
-    (["-s", "kl_weigth=1e-7"], "unknown key 'kl_weigth' (did you mean 'kl_weight'?)"),
-    (["-s", "recon_loss=l3"], "recon_loss: got 'l3'; expected 'l1' or 'l2'"),
-    (["-s", "patch_size=[30,32,32]"], "patch_size: got [30, 32, 32]; expected three integers, multiples of 4"),
+    (["--set", "kl_weigth=1e-7"], "unknown key 'kl_weigth' (did you mean 'kl_weight'?)"),
+    (["--set", "recon_loss=l3"], "recon_loss: got 'l3'; allowed: 'l1', 'l2'"),
+    (["--set", "patch_size=[30,32,32]"], "patch_size: got [30, 32, 32]; allowed: 3 integers, multiples of 4"),
     (["-c", "missing.json"], "config: no such file"),
     ([], "json_data_list: no datalist given"),
 ])
@@ -34,20 +34,20 @@ def test_bad_input_fails_early(data, args, message):
 
 def test_missing_perceptual_weights_is_an_error_not_a_download(data):
     d, dl = data
-    r = cli("--datalist", dl, "--model_dir", d / "m_perc", "--tfevent_path", d / "t_perc", "-s", *TINY,
+    r = cli("--datalist", dl, "--model_dir", d / "m_perc", "--tfevent_path", d / "t_perc", "--set", *TINY,
             "perceptual_network=squeeze", "perceptual_weight=0.3", "n_epochs=1", cwd=d)
     assert r.returncode == 2 and "squeeze" in r.stderr, r.stderr
     assert not (d / "m_perc/autoencoder.pt").exists()
 
 def test_train_refuse_resume(data):
     d, dl = data
-    base = ["--datalist", dl, "--model_dir", d / "models", "--tfevent_path", d / "logs", "--device", "cpu", "-s", *TINY]
-    r = cli(*base, "n_epochs=1", cwd=d)
+    base = ["--datalist", dl, "--model_dir", d / "models", "--tfevent_path", d / "logs", "--device", "cpu", "--set", *TINY]
+    r = cli(*base, "n_epochs=2", "--until_epoch", "1", cwd=d)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert "perceptual network: none" in r.stderr  # the log says which perceptual network is used
-    for f in ("autoencoder.pt", "discriminator.pt", "autoencoder_epoch0.pt", "vae_train_state.pt"):
+    for f in ("autoencoder.pt", "discriminator.pt", "autoencoder_epoch0.pt", "autoencoder_train_state.pt"):
         assert (d / "models" / f).is_file(), f
-    for f in ("metrics.jsonl", "loss_curves.png", "reconstruction.png"): assert (d / "logs" / f).is_file(), f
+    for f in ("autoencoder_metrics.jsonl", "autoencoder_loss.png", "autoencoder_reconstruction.png"): assert (d / "models" / f).is_file(), f
     first = torch.load(d / "models/autoencoder.pt", weights_only=True)
 
     r = cli(*base, "n_epochs=2", cwd=d)  # same model_dir without --resume: refused, nothing touched
@@ -56,7 +56,7 @@ def test_train_refuse_resume(data):
 
     r = cli(*base, "n_epochs=2", "--resume", cwd=d)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    lines = [json.loads(l) for l in (d / "logs/metrics.jsonl").read_text().splitlines()]
-    assert [l["epoch"] for l in lines] == [0, 1]
-    state = torch.load(d / "models/vae_train_state.pt", weights_only=True)
-    assert state["epoch"] == 2 and len(state["history"]) == 2
+    lines = [json.loads(l) for l in (d / "models/autoencoder_metrics.jsonl").read_text().splitlines()]
+    assert [l["epoch"] for l in lines] == [1, 2]
+    state = torch.load(d / "models/autoencoder_train_state.pt", weights_only=True)
+    assert state["epoch"] == 2 and len(state["records"]) == 2

@@ -14,7 +14,7 @@ RANK_SCRIPT = textwrap.dedent("""
     trainer = train_vae(load_vae_train_config(overrides=overrides), device="cpu")
     rank = dist.get_rank()
     torch.save({"ae": trainer.autoencoder.state_dict(), "d": trainer.discriminator.state_dict(),
-                "world_size": dist.get_world_size(), "n_train": len(trainer.history)}, f"{out}/rank{rank}.pt")
+                "world_size": dist.get_world_size(), "n_train": len(trainer.records)}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 """)
 
@@ -43,5 +43,5 @@ def test_two_rank_gloo_training_keeps_ranks_in_sync(tmp_path):
     from maisi_nb.vae import build_vae_networks
     init = build_vae_networks("tiny", seed=0)[0].state_dict()
     assert any(not torch.equal(init[k], r0["ae"][k]) for k in init), "weights did not change: no training happened"
-    state = torch.load(tmp_path / "models/vae_train_state.pt", weights_only=True)
-    assert state["epoch"] == 2 and "val_psnr" in state["history"][-1]
+    state = torch.load(tmp_path / "models/autoencoder_train_state.pt", weights_only=True)
+    assert state["epoch"] == 2 and "val_psnr" in state["records"][-1]
