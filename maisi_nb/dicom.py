@@ -329,10 +329,9 @@ def load_dicom_seg(path, # a binary DICOM Segmentation, e.g. the `seg.dcm` of `s
     else: shape, affine = tuple(int(s) for s in reference[0]), np.asarray(reference[1], np.float64)
     to_ijk = np.linalg.inv(affine) @ np.diag([-1.0, -1.0, 1.0, 1.0])  # LPS mm -> voxel index
     label = np.zeros(shape, np.uint8 if max(ids.values(), default=0) < 256 else np.uint16)
-    r, c = np.nonzero(np.ones((ds.Rows, ds.Columns), bool))
     for f, p, n in zip(frames, pos, seg_no):
-        on = f[r, c] > 0
-        xyz = p[:, None] + np.outer(o[:3], c[on] * float(ps[1])) + np.outer(o[3:], r[on] * float(ps[0]))
+        r, c = np.nonzero(f)
+        xyz = p[:, None] + np.outer(o[:3], c * float(ps[1])) + np.outer(o[3:], r * float(ps[0]))
         ijk = to_ijk[:3, :3] @ xyz + to_ijk[:3, 3:]
         idx = np.rint(ijk).astype(np.int64)
         if np.abs(ijk - idx).max(initial=0) > 1e-3 or ((idx < 0) | (idx >= np.array(shape)[:, None])).any():
