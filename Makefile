@@ -35,7 +35,7 @@ demo: install
 	$(BIN)/python tools/demo.py
 
 docs: install
-	$(BIN)/python tools/build_docs.py
+	$(BIN)/python tools/build_docs.py --readme
 
 export: $(BIN)/python
 	$(BIN)/nbdev_export && $(BIN)/nbdev_clean

@@ -171,6 +171,19 @@ def test_readme_links_resolve():
         if not (ROOT/unquote(u.path)).exists(): bad.append(ref)
     assert not bad, f"README.md links to files that do not exist: {bad}"
 
+def test_readme_is_generated_from_index(tmp_path):
+    "README.md and README_files/ are what `tools/build_docs.py --readme` makes of nbs/index.ipynb: edit the notebook."
+    sys.path.insert(0, str(ROOT/"tools"))
+    try:
+        import build_docs
+        build_docs.build_readme(tmp_path)
+    finally: sys.path.remove(str(ROOT/"tools"))
+    assert (tmp_path/"README.md").read_text() == (ROOT/"README.md").read_text(), \
+        "README.md is out of date: run `make docs` (tools/build_docs.py --readme) and commit README.md and README_files/"
+    made = {p.name: p.read_bytes() for p in (tmp_path/"README_files").iterdir()}
+    have = {p.name: p.read_bytes() for p in (ROOT/"README_files").iterdir()} if (ROOT/"README_files").exists() else {}
+    assert made == have, "README_files/ is out of date: run `make docs` and commit README.md and README_files/"
+
 class Chromium:
     "Headless Chromium driven over the DevTools protocol on a pipe (fds 3 and 4): no websocket library needed."
     def __init__(self, profile):

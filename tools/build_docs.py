@@ -127,6 +127,8 @@ def build_site(workers=None):
         print(f"error: {name}: its API docs could not be made:\n{err}", file=sys.stderr)
         shutil.copy2(cfg.nbs_path/name, proc/name)
     write_sidebar(cfg, proc)
+    table = notebook_table(cfg.nbs_path)
+    for rel in notebooks: expand_notebook_table(proc/rel, table)
     out = render(proc)
     if not (out/"index.html").exists(): sys.exit("smalldocs wrote no index.html")
     for y in ("nbdev.yml", "sidebar.yml"): (out/y).unlink(missing_ok=True)  # settings, not pages
@@ -134,7 +136,51 @@ def build_site(workers=None):
     if failed: sys.exit(f"docs built with errors in: {', '.join(sorted(failed))}")
     return out
 
-def _cell_md(cell, i):
+NOTEBOOK_TABLE = "<!-- notebooks -->"  # in a markdown cell of index.ipynb: replaced by the table of notebooks
+
+def front_matter(path):
+    "A notebook's front matter as nbdev reads it (title and description from its `# Title` and `> summary`)."
+    from nbdev.process import NBProcessor
+    from nbdev.frontmatter import FrontmatterProc
+    return NBProcessor(path, procs=FrontmatterProc, process=True).nb.frontmatter_
+
+def notebook_table(nbs):
+    "Markdown table of every notebook but the home page, in reading (file-name) order: linked title and summary."
+    cell = lambda s: re.sub(r"\s+", " ", str(s)).replace("|", r"\|").strip()
+    rows = ["| notebook | what it covers |", "|:--|:--|"]
+    for p, rel in source_files(nbs):
+        if p.suffix != ".ipynb" or rel.name == "index.ipynb": continue
+        fm = front_matter(p)
+        rows.append(f"| [{cell(fm.get('title', rel.stem))}]({rel.as_posix()}) | {cell(fm.get('description', ''))} |")
+    return "\n".join(rows)
+
+def expand_notebook_table(nb_path, table):
+    "Put the table of notebooks where a markdown cell of `nb_path` has the marker (the processed copy is edited)."
+    import json
+    nb = json.loads(nb_path.read_text())
+    hit = False
+    for c in nb["cells"]:
+        src = "".join(c["source"]) if isinstance(c["source"], list) else c["source"]
+        if c["cell_type"] == "markdown" and NOTEBOOK_TABLE in src:
+            c["source"] = src.replace(NOTEBOOK_TABLE, table); hit = True
+    if hit: nb_path.write_text(json.dumps(nb, indent=1, ensure_ascii=False))
+
+def readme_links(md):
+    """Links written for the site and the notebooks (`04_inference.ipynb`, `04_inference.html#x`, `images/a.png`,
+    relative to nbs/) rewritten for the repository page, where README.md sits at the root: `nbs/04_inference.ipynb`."""
+    nbs = ROOT/"nbs"
+    def fix(target):
+        u = urlsplit(target)
+        if u.scheme or u.netloc or target.startswith(("#", "/")) or not u.path: return target
+        path = u.path
+        if path.endswith(".html") and (nbs/path).with_suffix(".ipynb").exists(): path = path[:-5] + ".ipynb"
+        if (nbs/path).exists() and not (ROOT/path).exists():
+            return "nbs/" + path + (f"#{u.fragment}" if u.fragment else "")
+        return target
+    md = re.sub(r"(\]\()([^)\s]+)", lambda m: m.group(1) + fix(m.group(2)), md)
+    return re.sub(r'((?:href|src)=")([^"]+)', lambda m: m.group(1) + fix(m.group(2)), md)
+
+def _cell_md(cell, i, dest):
     "Markdown for one processed cell: prose as is; code with its outputs, `#| echo: false` code shows outputs only."
     import base64
     if cell.cell_type == "markdown": return [cell.source]
@@ -146,27 +192,31 @@ def _cell_md(cell, i):
         data = o.get("data", {})
         if "image/png" in data:
             name = f"README_files/figure-{i}-{j}.png"
-            (ROOT/name).write_bytes(base64.b64decode(data["image/png"]))
+            (dest/name).write_bytes(base64.b64decode(data["image/png"]))
             parts.append(f"![]({name})")
-        elif "text/markdown" in data: parts.append(data["text/markdown"])
+        elif "text/markdown" in data: parts.append("".join(data["text/markdown"]))
         elif "text/plain" in data: parts.append("```\n" + "".join(data["text/plain"]) + "\n```")
         elif o.get("output_type") == "stream": parts.append("```\n" + "".join(o.get("text", "")).rstrip() + "\n```")
     return parts
 
-def build_readme():
-    "README.md from nbs/index.ipynb (title, summary, prose, code and figures), figures in README_files/."
+def build_readme(dest=ROOT):
+    "README.md from nbs/index.ipynb (title, summary, prose, code and figures), figures in README_files/, written in `dest`."
     import nbformat
-    from nbdev.process import NBProcessor
-    from nbdev.frontmatter import FrontmatterProc
+    config()
     nb = nbformat.read(ROOT/"nbs"/"index.ipynb", as_version=4)
-    fm = NBProcessor(ROOT/"nbs"/"index.ipynb", procs=FrontmatterProc, process=True).nb.frontmatter_
-    shutil.rmtree(ROOT/"README_files", ignore_errors=True); (ROOT/"README_files").mkdir()
+    fm = front_matter(ROOT/"nbs"/"index.ipynb")
+    dest = Path(dest)
+    shutil.rmtree(dest/"README_files", ignore_errors=True); (dest/"README_files").mkdir(parents=True)
     out = ["<!-- Generated from nbs/index.ipynb by tools/build_docs.py --readme; edit the notebook. -->",
            f"# {fm.get('title', 'maisi_nb')}", f"> {fm.get('description', '')}"]
     cells = nb.cells
     if cells and cells[0].cell_type == "markdown" and cells[0].source.lstrip().startswith("# "): cells = cells[1:]
-    for i, c in enumerate(cells): out += _cell_md(c, i)
-    (ROOT/"README.md").write_text("\n\n".join(p.strip() for p in out if p.strip()) + "\n")
+    table = notebook_table(ROOT/"nbs")
+    for i, c in enumerate(cells):
+        if c.cell_type == "markdown": c.source = c.source.replace(NOTEBOOK_TABLE, table)
+        out += _cell_md(c, i, dest)
+    text = "\n\n".join(p.strip() for p in out if p.strip()) + "\n"
+    (dest/"README.md").write_text(readme_links(text))
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(); ap.add_argument("--readme", action="store_true")
