@@ -4,34 +4,36 @@
 
 # %% ../nbs/02_diffusion_train.ipynb #a8d5daf2
 from __future__ import annotations
-import argparse, json, math, os, time, warnings
+import json, math, os, time, warnings
 from contextlib import nullcontext
 from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 import monai
 from monai.inferers import sliding_window_inference
 from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
 from monai.networks.schedulers.rectified_flow import timestep_transform
-from .utils import (in_test, progress, default_device, make_generator, randn, atomic_path, save_json,
-                            torch_save, spacing_from_affine, save_nifti, load_nifti)
+from .utils import (in_test, progress, default_device, make_generator, randn, save_json,
+                            spacing_from_affine, save_nifti, load_nifti)
 from .labels import MODALITIES, region_indices_from_mask
-from .data import latent_transforms, diffusion_transforms, REGION_KEYS
+from .data import latent_transforms, diffusion_transforms, REGION_KEYS, read_datalist, validate_dataset
 from .sampling import (make_scheduler, is_rflow, set_inference_timesteps, unwrap_model, model_conditioning,
-                               unet_forward, make_generators, batch_randn, ddpm_step, sample_latents)
+                               unet_forward, make_generators, batch_randn, ddpm_step, sample_latents, _rows)
 from .networks import (build_networks, load_network_config, load_checkpoint, save_checkpoint, decode_latents, to_hu,
                                autoencoder_settings, current_splits, valid_num_splits)
+from .config import load_config, number, vector, NONE, TEXT, command_parser, cli_command
+from .training import (setup_distributed, dist_info, ddp, prepare_run, RunFiles, Trainer, plot_history, save_plot,
+                               amp_enabled, amp_step)
 
 # %% auto #0
 __all__ = ['LATENT_DATALIST', 'ENV_KEYS', 'TRAIN_KEYS', 'INFER_KEYS', 'sample_train_timesteps', 'training_target',
            'diffusion_loss', 'encode_latent', 'embedding_name', 'make_latents', 'compute_scale_factor',
-           'load_diffusion_config', 'latent_records', 'check_records', 'latent_dataset', 'latent_loader', 'resume_path',
-           'save_diffusion_checkpoint', 'plot_loss_curve', 'train_one_epoch', 'train_diffusion', 'generate_images',
-           'init_distributed', 'make_latents_cli', 'train_diffusion_cli']
+           'load_diffusion_config', 'latent_records', 'check_records', 'latent_dataset', 'latent_loader',
+           'save_diffusion_checkpoint', 'diffusion_step', 'train_diffusion', 'generate_images', 'make_latents_cli',
+           'train_diffusion_cli']
 
 # %% ../nbs/02_diffusion_train.ipynb #8a0c5072
 def sample_train_timesteps(scheduler, x0:torch.Tensor, # (B,C,X,Y,Z) clean latents
@@ -179,47 +181,34 @@ def compute_scale_factor(z:torch.Tensor, # a batch of unscaled latents
 
 # %% ../nbs/02_diffusion_train.ipynb #147fbfd1
 ENV_KEYS = ("data_base_dir", "embedding_base_dir", "json_data_list", "model_dir", "model_filename", "output_dir",
-            "output_prefix", "trained_autoencoder_path", "existing_ckpt_filepath")
-TRAIN_KEYS = {"batch_size": int, "cache_rate": float, "lr": float, "n_epochs": int}
-INFER_KEYS = ("dim", "spacing", "top_region_index", "bottom_region_index", "random_seed", "num_inference_steps", "modality")
+            "output_prefix", "trained_autoencoder_path", "existing_ckpt_filepath", "modality_mapping_path")
+TRAIN_KEYS = {"batch_size": 1, "cache_rate": 0.0, "lr": 1e-4, "n_epochs": 1000}   # MAISI's defaults
+INFER_KEYS = ("dim", "spacing", "top_region_index", "bottom_region_index", "random_seed", "num_inference_steps",
+              "modality", "cfg_guidance_scale")
 
-def _load(cfg, name) -> dict:
-    "A config given as a dict or a JSON path."
-    if isinstance(cfg, dict): return dict(cfg)
-    if not Path(cfg).is_file(): raise FileNotFoundError(f"{name}: {cfg} does not exist")
-    d = json.loads(Path(cfg).read_text())
-    if not isinstance(d, dict): raise ValueError(f"{name}: {cfg} must hold a JSON object")
-    return d
-
-def _check_keys(d:dict, allowed, where:str):
-    unknown = sorted(set(d) - set(allowed))
-    if unknown: raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {', '.join(allowed)}")
+_SECTIONS = {"environment": dict.fromkeys(ENV_KEYS), "diffusion_unet_train": TRAIN_KEYS,
+             "diffusion_unet_inference": dict.fromkeys(INFER_KEYS)}
+_RULES = {**{k: TEXT | NONE for k in ENV_KEYS},
+          "batch_size": number(1, integer=True), "cache_rate": number(0, 1), "lr": number(0, lo_open=True),
+          "n_epochs": number(1, integer=True),
+          "dim": vector(3, 1, integer=True) | NONE, "spacing": vector(3, 0, lo_open=True) | NONE,
+          "top_region_index": vector(4, 0, integer=True) | NONE, "bottom_region_index": vector(4, 0, integer=True) | NONE,
+          "random_seed": number(integer=True) | NONE, "num_inference_steps": number(1, integer=True) | NONE,
+          "modality": number(0, integer=True) | TEXT | NONE, "cfg_guidance_scale": number(0) | NONE}
 
 # %% ../nbs/02_diffusion_train.ipynb #62494f03
 def load_diffusion_config(env_config, # environment JSON (path or dict): ENV_KEYS
                           model_config=None, # config_maisi_diff_model.json (path or dict)
                           require=(), # environment keys that must be set for this command
+                          overrides=(), # 'key=value' strings (the command's --set)
                          ) -> dict:
-    "Merged, validated environment + diffusion-train config (`diffusion_unet_train` keys at top level)."
-    env = _load(env_config, "env_config"); _check_keys(env, ENV_KEYS, "env_config")
-    missing = [k for k in require if env.get(k) in (None, "")]
+    "Checked environment + diffusion config: environment and `diffusion_unet_train` keys at top level."
+    files = [(env_config, "env_config", "environment")] + ([(model_config, "model_config", None)] if model_config is not None else [])
+    cfg = load_config(_SECTIONS, _RULES, files, overrides)
+    missing = [k for k in require if cfg["environment"][k] is None]
     if missing: raise ValueError(f"env_config: missing value(s) for {missing}")
-    cfg = {k: env.get(k) for k in ENV_KEYS} | {"batch_size": 1, "cache_rate": 0.0, "lr": 1e-4, "n_epochs": 1000}
-    if model_config is None: return cfg
-    mc = _load(model_config, "model_config")
-    _check_keys(mc, ("diffusion_unet_train", "diffusion_unet_inference"), "model_config")
-    train = mc.get("diffusion_unet_train", {}); _check_keys(train, TRAIN_KEYS, "model_config.diffusion_unet_train")
-    _check_keys(mc.get("diffusion_unet_inference", {}), INFER_KEYS, "model_config.diffusion_unet_inference")
-    for k, typ in TRAIN_KEYS.items():
-        if k not in train: continue
-        v = train[k]
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (typ is float or float(v).is_integer())
-        ok = ok and (0 <= v <= 1 if k == "cache_rate" else v > 0)
-        if not ok:
-            rule = "a number in [0, 1]" if k == "cache_rate" else f"a positive {'integer' if typ is int else 'number'}"
-            raise ValueError(f"model_config.diffusion_unet_train.{k}: got {v!r}; allowed: {rule}")
-        cfg[k] = typ(v)
-    return cfg | {"diffusion_unet_inference": mc.get("diffusion_unet_inference", {})}
+    train = {k: int(v) if isinstance(TRAIN_KEYS[k], int) else float(v) for k, v in cfg["diffusion_unet_train"].items()}
+    return {**cfg["environment"], **train, "diffusion_unet_inference": cfg["diffusion_unet_inference"]}
 
 # %% ../nbs/02_diffusion_train.ipynb #06a18550
 def latent_records(json_data_list, embedding_base_dir) -> list:
@@ -261,116 +250,61 @@ def latent_loader(dataset, batch_size:int=1, seed:int=0, rank:int=0, world_size:
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers)
 
 # %% ../nbs/02_diffusion_train.ipynb #318928bc
-def resume_path(ckpt_path) -> Path:
-    "Where the resume state of a diffusion checkpoint lives: `<stem>_resume.pt` beside it."
-    p = Path(ckpt_path); return p.with_name(p.stem + "_resume.pt")
-
-def save_diffusion_checkpoint(path, unet, scale_factor, epoch:int, loss:float, num_train_timesteps:int=1000,
-                              resume_state:dict=None, # optimizer etc., written to `resume_path(path)`
-                             ) -> Path:
-    "Write a released-layout diffusion checkpoint (and its resume state), atomically."
-    if resume_state is not None: torch_save(resume_state | {"epoch": int(epoch)}, resume_path(path))
+def save_diffusion_checkpoint(path, unet, scale_factor, epoch:int, loss:float, num_train_timesteps:int=1000) -> Path:
+    "Write a released-layout diffusion checkpoint, atomically."
     return save_checkpoint(unwrap_model(unet), path, "diffusion_unet", scale_factor=scale_factor, overwrite=True,
                            epoch=int(epoch), loss=float(loss), num_train_timesteps=int(num_train_timesteps))
 
 # %% ../nbs/02_diffusion_train.ipynb #7d421bdd
-def _epoch_generator(seed:int, epoch:int, rank:int) -> torch.Generator:
-    "A generator for one rank's draws in one epoch."
-    return make_generator(int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0]))
-
-def _dist_info() -> tuple:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-def _to(batch:dict, key:str, device):
-    return batch[key].to(device) if key in batch else None
-
-def plot_loss_curve(history:dict, ax=None):
-    "Per-iteration and per-epoch training loss."
-    if ax is None:
-        import matplotlib.pyplot as plt
-        _, ax = plt.subplots(figsize=(5, 3))
-    it = history["loss"]; per = max(1, len(it) // max(1, len(history["epoch_loss"])))
-    ax.plot(np.arange(1, len(it) + 1), it, lw=0.8, alpha=0.6, label="iteration")
-    ax.plot(np.arange(1, len(history["epoch_loss"]) + 1) * per, history["epoch_loss"], "o-", ms=3, label="epoch mean")
-    ax.set(xlabel="iteration", ylabel="L1 loss", title="diffusion training loss"); ax.legend(fontsize=8)
-    return ax.figure
-
-# %% ../nbs/02_diffusion_train.ipynb #92963b0c
-def _restore(ckpt_path, unet, opt, sched, scaler, seed:int, n_epochs:int) -> tuple:
-    "Weights, scale factor, optimizer/scaler/LR state, start epoch and history from a checkpoint + resume file."
-    ck = load_checkpoint(unet, ckpt_path, "diffusion_unet")
-    rp = resume_path(ckpt_path)
-    if not rp.is_file(): raise FileNotFoundError(f"resume: {rp} (the resume state of {ckpt_path}) does not exist")
-    st = torch.load(rp, map_location="cpu", weights_only=True)
-    if st["epoch"] != ck["epoch"]:
-        raise ValueError(f"resume: {ckpt_path} is at epoch {ck['epoch']} but {rp} at epoch {st['epoch']}")
-    if st["seed"] != seed: raise ValueError(f"seed: resuming a run started with seed {st['seed']}, got {seed}")
-    if st["n_epochs"] != n_epochs:
-        raise ValueError(f"n_epochs: the run in {ckpt_path} was planned for {st['n_epochs']} epochs (its LR schedule "
-                         f"ends there), got {n_epochs}; to train further, start a new run from its weights")
-    opt.load_state_dict(st["optimizer"]); sched.load_state_dict(st["lr_scheduler"]); scaler.load_state_dict(st["scaler"])
-    return ck["scale_factor"], ck["epoch"], st["history"]
-
-# %% ../nbs/02_diffusion_train.ipynb #dd2590aa
-def train_one_epoch(model, scheduler, loader, opt, lr_scheduler, scaler, scale_factor:torch.Tensor,
-                    generator:torch.Generator, history:dict, modality=1, amp:bool=False, desc:str="epoch",
-                    progress_bar:bool=True) -> torch.Tensor:
-    "One pass over `loader` with MAISI's step (AMP, grad scaler, per-iteration LR step); returns (loss sum, count)."
-    device, tot = scale_factor.device, torch.zeros(2, device=scale_factor.device)
-    model.train()
-    for batch in progress(loader, desc=desc, disable=None if progress_bar else True):
-        x0 = batch["image"].to(device) * scale_factor
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-            loss = diffusion_loss(model, scheduler, x0, spacing=_to(batch, "spacing", device), modality=modality,
-                                  top_region_index=_to(batch, "top_region_index", device),
-                                  bottom_region_index=_to(batch, "bottom_region_index", device), generator=generator)
-        scaler.scale(loss).backward(); scaler.step(opt); scaler.update()
-        history["lr"].append(opt.param_groups[0]["lr"]); lr_scheduler.step()
-        history["loss"].append(loss.item()); tot += torch.stack([loss.detach().float(), torch.ones((), device=device)])
-    return tot
+def diffusion_step(model, scheduler, batch:dict, # {"image": (B,4,X,Y,Z) unscaled latents, "spacing", region one-hots}
+                   optimizer, scaler, scale_factor:float, generator:torch.Generator, modality=1, amp:bool=False) -> dict:
+    "One MAISI training iteration: x0 = latent · scale_factor, L1 `diffusion_loss` under autocast, scaled step."
+    device = next(unwrap_model(model).parameters()).device
+    x0 = batch["image"].to(device) * torch.tensor(scale_factor, dtype=torch.float32, device=device)
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+        loss = diffusion_loss(model, scheduler, x0, spacing=batch.get("spacing"), modality=modality, generator=generator,
+                              top_region_index=batch.get("top_region_index"), bottom_region_index=batch.get("bottom_region_index"))
+    amp_step(loss, optimizer, scaler)
+    return {"loss": loss.item()}
 
 # %% ../nbs/02_diffusion_train.ipynb #d999957d
 def train_diffusion(unet, scheduler, records:list, # from `latent_records`
                     n_epochs:int, lr:float=1e-4, batch_size:int=1, cache_rate:float=0.0,
-                    ckpt_path=None, # released-layout checkpoint written every epoch (rank 0)
-                    resume:bool=False, # continue from ckpt_path and its resume file
-                    overwrite:bool=False, # allow replacing an existing ckpt_path when not resuming
+                    ckpt_path=None, # released-layout checkpoint written every epoch (rank 0); the run's files go beside it
+                    resume:bool=False, # continue the run of ckpt_path from its training state
+                    overwrite:bool=False, # start a new run where ckpt_path's run already is
                     scale_factor=None, # keep this scale factor (e.g. from a pretrained checkpoint) instead of computing it
                     until_epoch:int=None, # stop after this epoch (e.g. a time-limited job); resume later
                     modality=1, seed:int=0, device=None, amp:bool=None, num_workers:int=0, progress_bar:bool=True) -> dict:
-    "Train a diffusion UNet on latents as MAISI does; returns the loss history (the UNet is trained in place)."
-    device, (rank, world) = default_device(device), _dist_info()
-    amp = device.type == "cuda" if amp is None else amp
-    if ckpt_path is not None and Path(ckpt_path).exists() and not (resume or overwrite):
-        raise FileExistsError(f"ckpt_path: {ckpt_path} exists; pass resume=True to continue it or overwrite=True")
-    if resume and ckpt_path is None: raise ValueError("resume: needs ckpt_path")
+    "Train a diffusion UNet on latents as MAISI does; returns the `Trainer` history (the UNet is trained in place)."
+    device, (rank, world) = default_device(device), dist_info()
+    amp = amp_enabled(True if amp is None else amp, device)
+    files = RunFiles(Path(ckpt_path).parent, Path(ckpt_path).stem) if ckpt_path is not None else None
+    if files is not None: prepare_run(files, resume, overwrite, outputs=[ckpt_path], rank=rank)
+    elif resume: raise ValueError("resume: needs ckpt_path")
     check_records(records, unet)
     loader = latent_loader(latent_dataset(records, cache_rate), batch_size, seed, rank, world, num_workers)
-    unet = unwrap_model(unet).to(device)
+    unet = unwrap_model(unet).to(device).train()
     opt = torch.optim.Adam(unet.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=n_epochs * len(loader), power=2.0)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
-    start, history = 0, {"loss": [], "epoch_loss": [], "lr": []}
-    if resume: scale_factor, start, history = _restore(ckpt_path, unet, opt, sched, scaler, seed, n_epochs)
-    elif scale_factor is None:
-        loader.sampler.set_epoch(0); scale_factor = compute_scale_factor(next(iter(loader))["image"].to(device))
-    scale_factor = torch.as_tensor(scale_factor, dtype=torch.float32).reshape(()).to(device)
-    model = DistributedDataParallel(unet, device_ids=[device] if device.type == "cuda" else None) if world > 1 else unet
-    history["scale_factor"] = float(scale_factor)
-    for epoch in range(start, min(n_epochs, until_epoch or n_epochs)):
-        loader.sampler.set_epoch(epoch)
-        tot = train_one_epoch(model, scheduler, loader, opt, sched, scaler, scale_factor, _epoch_generator(seed, epoch, rank),
-                              history, modality, amp, f"epoch {epoch + 1}/{n_epochs}", progress_bar and rank == 0)
-        if world > 1: dist.all_reduce(tot, op=dist.ReduceOp.SUM)
-        history["epoch_loss"].append((tot[0] / tot[1]).item())
-        if rank == 0 and ckpt_path is not None:
-            save_diffusion_checkpoint(ckpt_path, unet, scale_factor, epoch + 1, history["epoch_loss"][-1],
-                                      scheduler.num_train_timesteps,
-                                      {"optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict(),
-                                       "scaler": scaler.state_dict(), "seed": seed, "n_epochs": n_epochs,
-                                       "history": history})
-    return history
+    model = ddp(unet, device, world)
+    def epoch_batches(epoch): loader.sampler.set_epoch(epoch); return loader
+    def step(batch, g): return diffusion_step(model, scheduler, batch, opt, scaler, trainer.extra["scale_factor"], g, modality, amp)
+    def export(record, improved):
+        save_diffusion_checkpoint(ckpt_path, unet, trainer.extra["scale_factor"], record["epoch"], record["train_loss"],
+                                  scheduler.num_train_timesteps)
+    trainer = Trainer(step, {"unet": unet, "optimizer": opt, "lr_scheduler": sched, "scaler": scaler}, epoch_batches,
+                      n_epochs, seed, files, export=export if files is not None else None, step_schedulers=[sched],
+                      lr_of=opt, meta={"lr": float(lr), "batch_size": int(batch_size)}, rank=rank, world_size=world,
+                      device=device, progress_bar=progress_bar)
+    if resume:
+        trainer.resume()   # the scale factor comes from the state, never from a fresh batch
+        if "scale_factor" not in trainer.extra: raise ValueError(f"resume: {files.state} holds no diffusion scale factor")
+    elif scale_factor is None: trainer.extra["scale_factor"] = float(compute_scale_factor(next(iter(epoch_batches(0)))["image"].to(device)))
+    else: trainer.extra["scale_factor"] = float(torch.as_tensor(scale_factor, dtype=torch.float32))
+    return trainer.fit(until_epoch=until_epoch).history
 
 # %% ../nbs/02_diffusion_train.ipynb #c64d61e9
 def generate_images(autoencoder, unet, scheduler, scale_factor, output_size, # (X,Y,Z) image voxels
@@ -396,99 +330,71 @@ def generate_images(autoencoder, unet, scheduler, scale_factor, output_size, # (
             f"spacing{sp[0]:.2f}x{sp[1]:.2f}x{sp[2]:.2f}_{stamp}_rank{rank}.nii.gz")) for i, h in enumerate(hu)]
 
 # %% ../nbs/02_diffusion_train.ipynb #384104fb
-def init_distributed(device=None) -> torch.device:
-    "Join the torchrun process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU); returns this rank's device."
-    device = default_device(device)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))); torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device
-
-def _common_args(p:argparse.ArgumentParser):
+def _diffusion_args(p):
+    "The MAISI file flags shared by both commands."
     p.add_argument("--env_config", required=True, help="environment JSON (paths)")
     p.add_argument("--model_config", default=None, help="config_maisi_diff_model.json (training settings)")
     p.add_argument("--model_def", required=True, help="network config JSON (config_maisi3d-*.json) or preset name")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
     p.add_argument("--no_amp", action="store_true", help="no float16 autocast on CUDA")
     p.add_argument("--num_gpus", type=int, default=None, help="ignored: use torchrun --nproc_per_node")
-
-def _amp(a, device) -> bool:
-    "float16 autocast only on CUDA, unless --no_amp (on a CPU it would be slow and lossy)."
-    return device.type == "cuda" and not a.no_amp
-
-# %% ../nbs/02_diffusion_train.ipynb #d0e6b883
-def _validated(p:argparse.ArgumentParser, fn, *args, **kwargs):
-    "Run a validation step; a bad input becomes a one-line command-line error (exit code 2) instead of a traceback."
-    try: return fn(*args, **kwargs)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e: p.error(str(e).strip("'\""))
+    return p
 
 def _check_file(path, field:str):
     if not Path(path).is_file(): raise FileNotFoundError(f"{field}: {path} does not exist")
 
 # %% ../nbs/02_diffusion_train.ipynb #cce31bbb
+@cli_command("maisi_make_latents")
 def make_latents_cli(argv=None):
     "Command line: encode the environment's datalist into latents for diffusion training."
-    p = argparse.ArgumentParser(prog="maisi_make_latents", description=make_latents_cli.__doc__)
-    _common_args(p)
-    p.add_argument("--sample", action="store_true", help="store VAE samples (upstream) instead of means")
-    p.add_argument("--seed", type=int, default=0, help="seed of sampled latents")
+    p = _diffusion_args(command_parser("maisi_make_latents", make_latents_cli.__doc__, overwrite=False, overrides=True))
+    p.add_argument("--sample", action="store_true", help="store VAE samples (upstream) instead of means (seeded by --seed)")
     p.add_argument("--size_multiple", type=int, default=128, help="resize each axis to a multiple of this")
     p.add_argument("--roi_size", type=int, nargs=3, default=None, help="sliding-window size (image voxels)")
     a = p.parse_args(argv)
-    cfg = _validated(p, load_diffusion_config, a.env_config, a.model_config,
-                     require=("data_base_dir", "embedding_base_dir", "json_data_list", "trained_autoencoder_path"))
-    _validated(p, _read_datalist, cfg["json_data_list"], cfg["data_base_dir"])
-    _validated(p, _check_file, cfg["trained_autoencoder_path"], "trained_autoencoder_path")
-    _validated(p, load_network_config, a.model_def)
-    device = init_distributed(a.device)
+    cfg = load_diffusion_config(a.env_config, a.model_config, overrides=a.overrides,
+                                require=("data_base_dir", "embedding_base_dir", "json_data_list", "trained_autoencoder_path"))
+    _read_datalist(cfg["json_data_list"], cfg["data_base_dir"])
+    validate_dataset(read_datalist(cfg["json_data_list"], cfg["data_base_dir"]))   # every image readable, before any network
+    _check_file(cfg["trained_autoencoder_path"], "trained_autoencoder_path")
+    load_network_config(a.model_def)
+    rank, world, device = setup_distributed(a.device)
     vae = build_networks(a.model_def, device, which=("autoencoder",)).autoencoder
     load_checkpoint(vae, cfg["trained_autoencoder_path"], "autoencoder")
-    make_latents(vae, cfg["json_data_list"], cfg["data_base_dir"], cfg["embedding_base_dir"], sample=a.sample,
-                 seed=a.seed, size_multiple=a.size_multiple, roi_size=a.roi_size, device=device, amp=_amp(a, device))
-    if dist.is_initialized(): dist.destroy_process_group()
-    return 0
+    make_latents(vae, cfg["json_data_list"], cfg["data_base_dir"], cfg["embedding_base_dir"], sample=a.sample, seed=a.seed,
+                 size_multiple=a.size_multiple, roi_size=a.roi_size, device=device, amp=amp_enabled(not a.no_amp, device))
 
 # %% ../nbs/02_diffusion_train.ipynb #63c63e4c
-def _train_setup(cfg:dict, a) -> tuple:
-    "Validate the training inputs before any network is built: (records, checkpoint path)."
-    records = latent_records(cfg["json_data_list"], cfg["embedding_base_dir"])
-    ckpt = Path(cfg["model_dir"]) / cfg["model_filename"]
-    if a.resume: _check_file(ckpt, "--resume: model_dir/model_filename")
-    elif ckpt.exists() and not a.overwrite: raise FileExistsError(f"{ckpt} exists; pass --resume to continue it or --overwrite")
-    if cfg["existing_ckpt_filepath"]: _check_file(cfg["existing_ckpt_filepath"], "existing_ckpt_filepath")
+def _train_inputs(cfg:dict, a) -> tuple:
+    "Check the training inputs before any network is built: (records, checkpoint path, run files)."
+    if cfg["existing_ckpt_filepath"] and not a.resume: _check_file(cfg["existing_ckpt_filepath"], "existing_ckpt_filepath")
     load_network_config(a.model_def)
-    return records, ckpt
-
-def _save_loss_plot(history:dict, path):
-    "The loss curve as a PNG, without touching pyplot's global state."
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(5, 3)); plot_loss_curve(history, fig.subplots()); fig.tight_layout()
-    with atomic_path(path) as tmp: fig.savefig(tmp, dpi=100, format="png")
+    records = latent_records(cfg["json_data_list"], cfg["embedding_base_dir"])
+    validate_dataset(records, allow_channels=True)   # every latent readable
+    ckpt = Path(cfg["model_dir"]) / cfg["model_filename"]
+    return records, ckpt, RunFiles(ckpt.parent, ckpt.stem)
 
 # %% ../nbs/02_diffusion_train.ipynb #c788d081
+@cli_command("maisi_train_diffusion")
 def train_diffusion_cli(argv=None):
     "Command line: train the diffusion UNet on latents (DDPM or rectified flow, from the network config)."
-    p = argparse.ArgumentParser(prog="maisi_train_diffusion", description=train_diffusion_cli.__doc__)
-    _common_args(p)
-    p.add_argument("--seed", type=int, default=0, help="seed of weights, shuffling, noise and timesteps")
-    p.add_argument("--resume", action="store_true", help="continue {model_dir}/{model_filename} and its resume file")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint when not resuming")
+    p = _diffusion_args(command_parser("maisi_train_diffusion", train_diffusion_cli.__doc__, resume=True, overrides=True))
     p.add_argument("--modality", default="ct", help="modality name or id for rectified-flow UNets (default ct = 1)")
     a = p.parse_args(argv)
-    cfg = _validated(p, load_diffusion_config, a.env_config, a.model_config,
-                     require=("embedding_base_dir", "json_data_list", "model_dir", "model_filename"))
-    records, ckpt = _validated(p, _train_setup, cfg, a)
-    device = init_distributed(a.device)
+    cfg = load_diffusion_config(a.env_config, a.model_config, overrides=a.overrides,
+                                require=("embedding_base_dir", "json_data_list", "model_dir", "model_filename"))
+    records, ckpt, files = _train_inputs(cfg, a)
+    rank, world, device = setup_distributed(a.device)
+    prepare_run(files, a.resume, a.overwrite, outputs=[ckpt], rank=rank)
     nets = build_networks(a.model_def, device, which=("diffusion_unet", "noise_scheduler"), seed=a.seed)
     unet, scheduler, scale_factor = nets.diffusion_unet, nets.noise_scheduler, None
-    _validated(p, check_records, records, unet)
+    check_records(records, unet)
     if cfg["existing_ckpt_filepath"] and not a.resume:   # fine-tune: its weights and its scale factor
         scale_factor = load_checkpoint(unet, cfg["existing_ckpt_filepath"], "diffusion_unet")["scale_factor"]
     modality = int(a.modality) if str(a.modality).isdigit() else a.modality
     hist = train_diffusion(unet, scheduler, records, n_epochs=cfg["n_epochs"], lr=cfg["lr"], batch_size=cfg["batch_size"],
                            cache_rate=cfg["cache_rate"], ckpt_path=ckpt, resume=a.resume, overwrite=a.overwrite,
-                           scale_factor=scale_factor, modality=modality, seed=a.seed, device=device, amp=_amp(a, device))
-    if _dist_info()[0] == 0: _save_loss_plot(hist, ckpt.with_name(ckpt.stem + "_loss.png"))
-    if dist.is_initialized(): dist.destroy_process_group()
-    return 0
+                           scale_factor=scale_factor, modality=modality, seed=a.seed, device=device,
+                           amp=amp_enabled(not a.no_amp, device))
+    if rank == 0:
+        from matplotlib.figure import Figure   # off-screen: no pyplot state, also when called inside a notebook
+        save_plot(plot_history(hist, "diffusion UNet training", fig=Figure(figsize=(5, 3), dpi=100)), files.loss_plot)

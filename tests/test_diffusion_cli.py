@@ -3,7 +3,7 @@ import json, subprocess, sys
 from pathlib import Path
 import pytest
 import torch
-from maisi_nb.diffusion import make_latents_cli, train_diffusion_cli, resume_path
+from maisi_nb.diffusion import make_latents_cli, train_diffusion_cli
 from maisi_nb.networks import build_networks, save_checkpoint
 from maisi_nb.phantoms import make_phantom_dataset
 
@@ -16,6 +16,11 @@ def run_cli(fn:str, *args):
     code = f"import sys; from maisi_nb.diffusion import {fn}; sys.exit({fn}(sys.argv[1:]))"
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, cwd=ROOT,
                           timeout=300, env=dict(os.environ, **ENV))
+
+@pytest.fixture(autouse=True)
+def no_progress_bars(monkeypatch):
+    "In-process command calls print only what a user would see in a log (no tqdm bars on stderr)."
+    monkeypatch.setenv("TQDM_DISABLE", "1")
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
@@ -51,13 +56,15 @@ def test_make_latents_then_train(project):
     assert isinstance(ck["loss"], float)
     unet = build_networks("tiny", "cpu", which=("diffusion_unet",)).diffusion_unet
     unet.load_state_dict(ck["unet_state_dict"], strict=True)           # the released loader's call
-    st = torch.load(resume_path(ck_path), weights_only=True)
-    assert {"optimizer", "lr_scheduler", "scaler", "seed", "n_epochs", "history", "epoch"} <= set(st)
-    assert len(st["history"]["loss"]) == 4 and st["history"]["lr"][0] == 1e-3
+    st = torch.load(project / "models" / "diff_unet_ckpt_train_state.pt", weights_only=True)
+    assert set(st["stateful"]) == {"unet", "optimizer", "lr_scheduler", "scaler"} and st["epoch"] == 2
+    assert st["meta"]["seed"] == 0 and st["meta"]["n_epochs"] == 2 and st["extra"]["scale_factor"] == ck["scale_factor"].item()
+    assert len(st["steps"]["loss"]) == 4 and st["steps"]["lr"][0] == 1e-3
+    assert len((project / "models" / "diff_unet_ckpt_metrics.jsonl").read_text().splitlines()) == 2
     assert (project / "models" / "diff_unet_ckpt_loss.png").stat().st_size > 1000
 
     r = run_cli("train_diffusion_cli", *args)                             # never overwrite silently
-    assert r.returncode == 2 and "exists; pass --resume" in r.stderr
+    assert r.returncode == 2 and "already holds a training run" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = run_cli("train_diffusion_cli", *args, "--resume")                 # finished run: nothing left to do
     assert r.returncode == 0, r.stderr[-3000:]
     assert torch.load(ck_path, weights_only=True)["epoch"] == 2
@@ -78,9 +85,11 @@ def test_finetune_keeps_scale_factor_and_ddpm(project, tmp_path):
     assert abs(ck["scale_factor"].item() - 0.37) < 1e-6 and ck["epoch"] == 1
 
 @pytest.mark.parametrize("change, message", [
-    ({"config": {"diffusion_unet_train": {"n_epoch": 2}}}, "unknown key(s) ['n_epoch']"),
-    ({"config": {"diffusion_unet_train": {"lr": -1}}}, "diffusion_unet_train.lr: got -1"),
-    ({"env": {"tfevent_path": "x"}}, "env_config: unknown key(s) ['tfevent_path']"),
+    ({"config": {"diffusion_unet_train": {"n_epoch": 2}}}, "unknown key 'n_epoch' (did you mean 'n_epochs'?)"),
+    ({"config": {"diffusion_unet_train": {"lr": -1}}}, "lr: got -1; allowed: a number > 0"),
+    ({"set": ["batch_size=0"]}, "batch_size: got 0; allowed: an integer >= 1"),
+    ({"set": ["n_epoch=2"]}, "--set: unknown key 'n_epoch' (did you mean 'n_epochs'?)"),
+    ({"env": {"tfevent_path": "x"}}, "env_config: unknown key 'tfevent_path'"),
     ({"env": {"json_data_list": "/nonexistent.json"}}, "json_data_list: /nonexistent.json does not exist"),
     ({"env": {"existing_ckpt_filepath": "/nonexistent.pt"}}, "existing_ckpt_filepath: /nonexistent.pt does not exist"),
     ({"model_def": "huge"}, "neither a preset"),
@@ -92,9 +101,10 @@ def test_bad_input_fails_early(project, tmp_path, capsys, change, message):
     (project / "embeddings").mkdir(exist_ok=True)
     with pytest.raises(SystemExit) as e:
         train_diffusion_cli(["--env_config", str(tmp_path / "env.json"), "--model_config", str(tmp_path / "cfg.json"),
-                             "--model_def", change.get("model_def", "tiny"), "--device", "cpu"])
+                             "--model_def", change.get("model_def", "tiny"), "--device", "cpu", *(["--set", *change["set"]] if "set" in change else [])])
     assert e.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("maisi_train_diffusion: error: ") and len(err.strip().splitlines()) == 1, err
 
 def test_make_latents_missing_autoencoder(project, tmp_path, capsys):
     env = json.loads((project / "env.json").read_text()) | {"trained_autoencoder_path": str(tmp_path / "no_ae.pt")}
@@ -102,3 +112,39 @@ def test_make_latents_missing_autoencoder(project, tmp_path, capsys):
     with pytest.raises(SystemExit):
         make_latents_cli(["--env_config", str(tmp_path / "env.json"), "--model_def", "tiny", "--device", "cpu"])
     assert "trained_autoencoder_path" in capsys.readouterr().err
+
+def test_make_latents_checks_images_first(project, tmp_path, capsys):
+    "A truncated image stops maisi_make_latents with one line naming it, before the autoencoder is loaded."
+    data = tmp_path / "data"; (data / "imagesTr").mkdir(parents=True)
+    good = project / "data" / "imagesTr" / "p0000.nii.gz"
+    (data / "imagesTr" / "a.nii.gz").write_bytes(good.read_bytes())
+    (data / "imagesTr" / "b.nii.gz").write_bytes(good.read_bytes()[:200])
+    (data / "datalist.json").write_text(json.dumps({"training": [{"image": "imagesTr/a.nii.gz"}, {"image": "imagesTr/b.nii.gz"}]}))
+    env = json.loads((project / "env.json").read_text()) | {"data_base_dir": str(data), "json_data_list": str(data / "datalist.json"),
+                                                            "embedding_base_dir": str(tmp_path / "emb"),
+                                                            "trained_autoencoder_path": str(tmp_path / "no_ae.pt")}
+    (tmp_path / "env.json").write_text(json.dumps(env))
+    with pytest.raises(SystemExit) as e:
+        make_latents_cli(["--env_config", str(tmp_path / "env.json"), "--model_def", "tiny", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "1 of 2 dataset items failed validation" in err and "b.nii.gz" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "emb").exists()
+
+def test_resume_errors_are_one_line(project, tmp_path, capsys):
+    "--resume with nothing to resume, a truncated state, or the state of another network: exit 2, one line, no traceback."
+    if not (project / "embeddings" / "dataset_emb.json").exists():
+        assert make_latents_cli(["--env_config", str(project / "env.json"), "--model_def", "tiny", "--size_multiple", "32", "--device", "cpu"]) == 0
+    env = json.loads((project / "env.json").read_text()) | {"model_dir": str(tmp_path / "run")}
+    (tmp_path / "env.json").write_text(json.dumps(env))
+    args = ["--env_config", str(tmp_path / "env.json"), "--device", "cpu", "--set", "n_epochs=2", "batch_size=3"]
+    def fails(message, model_def="tiny", seed=3):
+        with pytest.raises(SystemExit) as e: train_diffusion_cli(args + ["--model_def", model_def, "-s", str(seed), "--resume"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    fails("nothing to resume")
+    assert train_diffusion_cli(args + ["--model_def", "tiny", "-s", "3"]) == 0
+    fails("holds a unet that does not fit", model_def="tiny-ddpm")          # another network
+    fails("seed: resuming a run started with seed 3, got 0", seed=0)        # another seed
+    state = tmp_path / "run" / "diff_unet_ckpt_train_state.pt"
+    state.write_bytes(state.read_bytes()[:1000])                            # truncated (e.g. a full disk)
+    fails("is not a readable checkpoint")

@@ -11,11 +11,11 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = textwrap.dedent("""
     import json, sys, torch, torch.distributed as dist
     from pathlib import Path
-    from maisi_nb.diffusion import init_distributed, latent_records, train_diffusion
+    from maisi_nb.diffusion import latent_records, train_diffusion
     from maisi_nb.networks import build_networks
+    from maisi_nb.training import setup_distributed
     out = Path(sys.argv[1])
-    device = init_distributed("cpu")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world, device = setup_distributed("cpu")
     nets = build_networks("tiny", "cpu", which=("diffusion_unet", "noise_scheduler"), seed=rank)  # different inits on purpose
     recs = latent_records(out / "dataset.json", out / "embeddings")
     hist = train_diffusion(nets.diffusion_unet, nets.noise_scheduler, recs, n_epochs=2, lr=1e-3, batch_size=1,

@@ -33,8 +33,8 @@ def test_amp_training_lowers_loss(tmp_path, preset):
                         ckpt_path=tmp_path / "ck.pt", device="cuda", progress_bar=False)
     assert np.isfinite(h["loss"]).all()
     assert np.mean(h["epoch_loss"][-5:]) < np.mean(h["epoch_loss"][:3]), h["epoch_loss"]
-    st = torch.load(tmp_path / "ck_resume.pt", weights_only=True)
-    assert st["scaler"]["scale"] > 0                         # the gradient scaler was active
+    st = torch.load(tmp_path / "ck_train_state.pt", weights_only=True)
+    assert st["stateful"]["scaler"]["scale"] > 0             # the gradient scaler was active
     ck = torch.load(tmp_path / "ck.pt", weights_only=True)
     assert ck["epoch"] == 20 and all(v.device.type == "cpu" for v in ck["unet_state_dict"].values())
 
