@@ -233,6 +233,12 @@ def _repr_html_(self:QCResult) -> str:
     return html_table(self.to_records(), _QC_COLUMNS, lambda r: r["status"] == "fail") + \
            f"<p>quality check ({self.rule} rule): {verdict}</p>"
 
+@patch(cls_method=True)
+def from_dict(cls:QCResult, d:dict) -> QCResult:
+    "The result back from `to_dict()` (e.g. read from a sidecar)."
+    organs = [OrganQC(**{k: r[k] for k in ("organ", "median", "low", "high", "n_voxels", "status")}, ids=tuple(r["ids"])) for r in d["organs"]]
+    return cls(organs, d.get("rule", "now"), int(d.get("nonfinite_voxels", 0)))
+
 @patch
 def save_json(self:QCResult, path, overwrite:bool=False):
     "Write `to_dict()` as JSON, atomically (refuses to replace a file unless `overwrite`)."

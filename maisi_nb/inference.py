@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_inference.ipynb #336c2a61
 from __future__ import annotations
-import argparse, contextlib, copy, datetime, io, json, os, platform, shutil, sys, time, warnings
+import argparse, contextlib, copy, datetime, io, json, math, os, platform, shutil, sys, time, warnings
 from importlib import resources
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
@@ -16,16 +16,19 @@ import maisi_nb
 from .labels import (LABELS, BODY_REGIONS, CONTROLLABLE_ANATOMIES, MODALITIES, TUMOR_IDS, label_id, label_name,
                              body_region_index, labels_to_bits)
 from .utils import (in_test, progress, default_device, make_generator, atomic_path, save_json, save_nifti,
-                            load_nifti, spacing_from_affine)
+                            load_nifti, spacing_from_affine, check_output_dir)
 from .networks import (PRESETS, MaisiNetworks, build_networks, load_pretrained, load_into, network_version,
                                decode_latents, plan_decode, to_hu, check_num_splits, save_pretrained as save_networks)
 from .sampling import make_scheduler, is_rflow, sample_latents, set_inference_timesteps, batch_randn, ddpm_step
 from .masks import (to_anatomy_ids, check_controllable_anatomy_size, prepare_size_condition, target_tumor_label,
                             generated_mask_to_sample, find_masks, find_closest_masks, select_masks, read_mask_record,
                             augment_mask, prepare_user_mask, mask_sample, body_region_vectors, load_mask_database,
-                            AnatomyLostError)
-from .hu_qc import quality_check, QCResult
+                            AnatomyLostError, read_user_mask)
+from .hu_qc import quality_check, QCResult, ORGAN_GROUPS, NONFINITE
 from .phantoms import make_phantom, show_ct, WINDOWS, parse_regions
+from .config import command_parser, cli_command, unknown_key_error
+from .training import is_temp_file
+
 
 # %% auto #0
 __all__ = ['INFER_DEFAULTS', 'INDIRECTION_KEYS', 'OUTPUT_EXTS', 'MAISI_LIMITS', 'SMALL_LIMITS', 'PRESET_LIMITS',
@@ -34,9 +37,10 @@ __all__ = ['INFER_DEFAULTS', 'INDIRECTION_KEYS', 'OUTPUT_EXTS', 'MAISI_LIMITS', 
            'recommended_grid', 'check_fov', 'check_infer_config', 'sample_mask_latents', 'decode_mask',
            'size_condition', 'CachedConditionEmbedding', 'fast_inference', 'MaskGenerator', 'limits_for',
            'MaisiPipeline', 'user_mask_grid', 'GenerationPlan', 'sample_seed', 'output_files', 'check_outputs_free',
-           'memory_budget', 'GeneratedSample', 'output_label', 'GenerationResult', 'software_versions', 'render_slices',
-           'label_legend', 'sidecar', 'find_released_data', 'demo_model_dir', 'default_pipeline', 'find_path',
-           'pipeline_from_environment', 'infer_settings', 'generate_cli', 'view_3d', 'SliceViewer', 'GenerationPanel']
+           'complete_sample', 'temp_files', 'memory_budget', 'GeneratedSample', 'output_label', 'GenerationResult',
+           'NonFiniteOutputError', 'software_versions', 'render_slices', 'label_legend', 'sidecar', 'load_sample',
+           'find_released_data', 'demo_model_dir', 'default_pipeline', 'find_path', 'pipeline_from_environment',
+           'read_environment', 'infer_settings', 'generate_cli', 'view_3d', 'SliceViewer', 'GenerationPanel']
 
 # %% ../nbs/04_inference.ipynb #463c6b07
 INFER_DEFAULTS = {  # config_infer keys -> defaults; None for output_size/spacing means "the model's default grid"
@@ -314,6 +318,10 @@ class MaisiPipeline:
                  mask_generation_spacing:float=None, # mm per voxel of generated masks (None: 384 mm / its size)
                  source:str=None, # where the weights came from (recorded in sidecars)
                  fast:dict=None): # `fast_inference` options and `sampling_dtype`, over FAST_DEFAULTS
+        if not isinstance(networks, MaisiNetworks):
+            raise TypeError(f"networks: expected a MaisiNetworks (from build_networks or load_pretrained), got "
+                            f"{type(networks).__name__}; for released weights or the demo model use "
+                            "MaisiPipeline.from_pretrained(folder) or default_pipeline()")
         missing = [r for r in ("autoencoder", "diffusion_unet", "controlnet") if networks[r] is None]
         if missing: raise ValueError(f"networks: the pipeline needs {missing}; built: {list(networks.networks())}")
         self.networks, self.source, self.limits = networks, source, limits or limits_for(networks)
@@ -410,12 +418,10 @@ def phantom_mask(self:MaisiPipeline, body_region, output_size, spacing, anatomy_
 # %% ../nbs/04_inference.ipynb #c5e4987e
 def user_mask_grid(mask) -> tuple:
     "(shape, spacing) of a user mask: a NIfTI path or an (array, affine) pair."
-    if isinstance(mask, (str, Path)):
-        if not Path(mask).is_file(): raise FileNotFoundError(f"mask: {mask} does not exist")
-        arr, aff = load_nifti(mask)
-    elif isinstance(mask, tuple) and len(mask) == 2: arr, aff = mask
-    else: raise ValueError(f"mask: expected a NIfTI path or an (array, affine) pair, got {type(mask).__name__}")
-    return list(np.shape(arr)[-3:]), [round(s, 6) for s in spacing_from_affine(aff)]
+    if not isinstance(mask, (str, os.PathLike, tuple)):
+        raise TypeError(f"mask: expected a NIfTI path or an (array, affine) pair, got {type(mask).__name__}")
+    arr, aff = read_user_mask(mask)
+    return list(arr.shape), [round(s, 6) for s in spacing_from_affine(aff)]
 
 @patch
 def user_mask(self:MaisiPipeline, mask, output_size, spacing, anatomy_list=(), body_region=()) -> dict:
@@ -481,6 +487,7 @@ class GenerationPlan:
     records: list|None = None  # database: records for the samples, then spares
     files: list|None = None  # per sample {kind: Path} when writing
     latents: torch.Tensor|None = None  # (N,C,X/4,Y/4,Z/4) starting noise of each sample's first attempt
+    done: dict = field(default_factory=dict)  # resume: {sample index: its sidecar} of samples already complete on disk
 
 @patch
 def resolve_scheduler(self:MaisiPipeline, scheduler=None):
@@ -513,13 +520,38 @@ def check_outputs_free(files:list, overwrite:bool=False) -> None:
     there = [str(p) for f in files for p in f.values() if Path(p).exists()]
     if there and not overwrite:
         raise FileExistsError(f"output_dir: {len(there)} output file(s) already exist (e.g. {there[0]}); pass "
-                              "overwrite=True (--overwrite), another output_dir or another seed")
+                              "resume=True (--resume) to keep the complete samples of an interrupted run and make the "
+                              "rest, overwrite=True (--overwrite) to replace them, or another output_dir or seed")
+
+def complete_sample(files:dict, i:int, seed:int) -> dict|None:
+    "The sidecar of sample `i` when it is complete on disk (the sidecar is written last), else None."
+    p = Path(files["sidecar"])
+    if not p.is_file(): return None
+    try: meta = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError): return None
+    if not isinstance(meta, dict) or meta.get("format") != "maisi_nb.generation": return None
+    if meta.get("sample_index") != i or meta.get("seed") != seed: return None
+    names = {k: Path(v).name for k, v in files.items()}
+    if meta.get("files") != names or not all(Path(v).is_file() for v in files.values()): return None
+    return meta
+
+def temp_files(files:list) -> list:
+    "Temporary files an interrupted write left beside these outputs (`.{name}.{random}{suffix}`)."
+    names = {Path(p).name for f in files for p in f.values()}
+    dirs = {Path(p).parent for f in files for p in f.values()}
+    return sorted(p for d in dirs if d.is_dir() for p in d.glob(".*")
+                  if p.is_file() and is_temp_file(p) and any(p.name.startswith(f".{n}.") for n in names))
+
+def _json_form(x): return json.loads(json.dumps(x, default=str))
 
 # %% ../nbs/04_inference.ipynb #a58f1fc5
 @patch
 def _check_latents(self:MaisiPipeline, latents, c:dict) -> torch.Tensor|None:
     "Given starting latents as a float tensor of the shape this request samples, or None."
     if latents is None: return None
+    if isinstance(latents, torch.Tensor) and latents.is_floating_point() and not bool(torch.isfinite(latents).all()):
+        raise ValueError(f"latents: {int(latents.numel() - torch.isfinite(latents).sum())} of its values are NaN or Inf; "
+                         "starting noise must be finite")
     want = (c["num_output_samples"], self.diffusion_unet.in_channels, *[s // 4 for s in c["output_size"]])
     if not isinstance(latents, torch.Tensor) or not latents.is_floating_point() or tuple(latents.shape) != want:
         got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
@@ -545,10 +577,15 @@ def _check_splits(self:MaisiPipeline, c:dict) -> None:
 @patch
 def prepare(self:MaisiPipeline, config:dict, seed:int|None=None, scheduler=None, mask=None, mask_source:str|None=None,
             label_ids:str="global", augment:bool=True, qc:bool=True, max_attempts:int=3, output_dir=None,
-            overwrite:bool=False, output_prefix:str="sample", preview:bool=True, latents=None) -> GenerationPlan:
+            overwrite:bool=False, output_prefix:str="sample", preview:bool=True, latents=None,
+            resume:bool=False) -> GenerationPlan:
     "Check a request completely (settings, grid, mask source, output files) without heavy work."
     c = check_infer_config(config)
     _check_options(label_ids, max_attempts, seed)
+    if resume and (output_dir is None or seed is None or overwrite):
+        raise ValueError("resume: needs output_dir and the seed of the interrupted run, and excludes overwrite "
+                         "(resume keeps complete samples, overwrite replaces them)")
+    if output_dir is not None: check_output_dir(output_dir, "output_dir", create=False)   # before any work
     src = self.choose_mask_source(mask_source, mask, c["controllable_anatomy_size"])
     own = user_mask_grid(mask) if src == "user" else (self.output_size, self.spacing)
     c["output_size"], c["spacing"] = c["output_size"] or own[0], c["spacing"] or own[1]
@@ -561,18 +598,26 @@ def prepare(self:MaisiPipeline, config:dict, seed:int|None=None, scheduler=None,
         raise ValueError("label_ids: 'anatomy_list' numbers the anatomy_list entries 1..N, but anatomy_list is empty")
     self._check_splits(c)
     sched = self.resolve_scheduler(scheduler)
+    c["num_inference_steps"] = c["num_inference_steps"] or (30 if is_rflow(sched) else int(sched.num_train_timesteps))
     if src in ("database", "phantom") and c["body_region"] and self.limits == MAISI_LIMITS:  # MAISI's training FOVs
         check_fov(c["body_region"], c["output_size"], c["spacing"], stacklevel=4)   # points at the user's pipeline(...) call
     seed = int(np.random.SeedSequence().entropy % 2**31) if seed is None else int(seed)
     n, opts = c["num_output_samples"], dict(label_ids=label_ids, augment=augment, qc=qc, max_attempts=max_attempts,
         scheduler="rflow" if is_rflow(sched) else "ddpm", mask=None if mask is None else str(mask) if isinstance(mask, (str, Path)) else "<array>")
     files = None if output_dir is None else output_files(output_dir, output_prefix, seed, n, c["image_output_ext"], c["label_output_ext"], preview)
-    if files: check_outputs_free(files, overwrite)
-    plan = GenerationPlan(c, src, sched, seed, opts, files=files, latents=self._check_latents(latents, c))
+    done = {i: m for i, f in enumerate(files) if (m := complete_sample(f, i, seed))} if resume else {}
+    for i, m in done.items():
+        diff = sorted(k for k in set(m["config"]) | set(c) if m["config"].get(k) != _json_form(c).get(k))
+        diff += sorted(k for k in opts if m["options"].get(k) != _json_form(opts)[k])
+        if diff: raise ValueError(f"resume: {files[i]['sidecar']} was made with other settings ({', '.join(diff)} differ); "
+                                  "resume with the same settings, or use another output_dir")
+    if files: check_outputs_free(files, overwrite or resume)
+    plan = GenerationPlan(c, src, sched, seed, opts, files=files, latents=self._check_latents(latents, c), done=done)
     if src == "user": plan.user_mask = self.user_mask(mask, c["output_size"], c["spacing"], c["anatomy_list"], c["body_region"])
     if src == "database": plan.records = self.database_candidates(c["body_region"], c["anatomy_list"], c["output_size"],
                                                                    c["spacing"], n, make_generator(seed))
     return plan
+
 
 # %% ../nbs/04_inference.ipynb #7392843e
 def memory_budget(device) -> int:
@@ -639,6 +684,7 @@ class GeneratedSample:
     seed: int  # this sample's own seed
     timings: dict  # seconds per stage
     files: dict = field(default_factory=dict)  # written files, after `save`
+    resumed: bool = False  # read back from a complete earlier run (`resume`) rather than generated now
 
 def output_label(label:np.ndarray, mode:str="global", ids=()) -> np.ndarray:
     "The label as written: global MAISI ids, or upstream's 1..N by position in `ids` (all else 0)."
@@ -690,37 +736,64 @@ def _mask_for(self:MaisiPipeline, plan:GenerationPlan, i:int, g:torch.Generator,
                               progress_bar=progress_bar)
 
 # %% ../nbs/04_inference.ipynb #4df761f3
+class NonFiniteOutputError(ValueError):
+    "Every attempt of a sample gave a volume with NaN/Inf voxels; nothing is written for it."
+
+def _organ_ids() -> set: return {i for ids in ORGAN_GROUPS.values() for i in ids}
+
+def _warn_no_anatomy(ms:dict, c:dict) -> None:
+    "Warn when the mask on the requested grid holds none of the organs the quality check measures."
+    present = set(np.unique(ms["label"].cpu().numpy()).tolist())
+    if present & _organ_ids(): return
+    fov = " × ".join(f"{n * s:g}" for n, s in zip(c["output_size"], c["spacing"]))
+    names = ", ".join(label_name(int(v)) for v in sorted(present) if v) or "nothing"
+    warnings.warn(f"the field of view ({fov} mm: output_size {list(c['output_size'])} at spacing {list(c['spacing'])} mm) "
+                  f"holds none of the requested anatomy: the {ms['info']['source']} mask has only {names}; the image "
+                  "is body tissue at best and its quality check is 'not checked'. Use a larger output_size or spacing",
+                  stacklevel=2)
+
 @patch
-def _generate_sample(self:MaisiPipeline, plan:GenerationPlan, i:int, spares:list, callback=None, progress_bar=True) -> GeneratedSample:
-    c, opts, seed = plan.config, plan.options, sample_seed(plan.seed, i)
+def _generate_sample(self:MaisiPipeline, plan:GenerationPlan, i:int, callback=None, progress_bar=True) -> GeneratedSample:
+    "Sample `i` of a plan; everything random follows from `sample_seed(plan.seed, i)` alone."
+    c, opts, seed, n = plan.config, plan.options, sample_seed(plan.seed, i), plan.config["num_output_samples"]
+    spares = list(plan.records[n:]) if plan.records else []
+    spares = spares[i % len(spares):] + spares[:i % len(spares)] if spares else []   # this sample's own order
     g, t = make_generator(seed), dict.fromkeys(("mask", "sampling", "decode", "qc"), 0.0)
     tic = time.perf_counter(); ms = self._mask_for(plan, i, g, callback, progress_bar); t["mask"] += time.perf_counter() - tic
+    _warn_no_anatomy(ms, c)
     attempts, best = [], None
     for k in range(opts["max_attempts"]):
         noise = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
-        hu, tt = self.sample_image(ms, plan, noise, _step_callback(callback, "image", i, k, c["num_inference_steps"] or
-                                   (30 if opts["scheduler"] == "rflow" else 1000)), progress_bar,
+        hu, tt = self.sample_image(ms, plan, noise, _step_callback(callback, "image", i, k, c["num_inference_steps"]), progress_bar,
                                    plan.latents[i:i + 1] if plan.latents is not None and k == 0 else None)
         for key in tt: t[key] += tt[key]
         tic = time.perf_counter()
+        nonfinite = int(hu.numel() - torch.isfinite(hu).sum())
         q = quality_check(hu, ms["label"][0, 0].cpu(), statistics=self.qc_statistics) if opts["qc"] else None
         t["qc"] += time.perf_counter() - tic
         given = plan.latents is not None and k == 0
         attempts.append({"attempt": k + 1, "noise_seed": None if given else noise, "latents": "given" if given else "seed",
-                         "mask": ms["info"].get("file", ms["info"]["source"]),
-                         "qc_passed": None if q is None else q.passed, "qc_failed": [] if q is None else q.failed,
+                         "mask": ms["info"].get("file", ms["info"]["source"]), "num_inference_steps": c["num_inference_steps"],
+                         "nonfinite_voxels": nonfinite, "qc_passed": None if q is None else q.passed,
+                         "qc_status": None if q is None else q.status, "qc_failed": [] if q is None else q.failed,
                          "seconds": round(sum(tt.values()), 3)})
-        bad = 0 if q is None else len(q.failed)
+        bad = math.inf if nonfinite else 0 if q is None else len(q.failed)
         if best is None or bad < best[0]: best = (bad, hu, ms, q)
         if bad == 0: break
         if plan.source == "database" and spares:
             tic = time.perf_counter(); ms = self.database_mask(spares.pop(0), c["output_size"], c["spacing"],
                                                                c["anatomy_list"], g, opts["augment"]); t["mask"] += time.perf_counter() - tic
+    if best[0] == math.inf:
+        raise NonFiniteOutputError(
+            f"sample {i}: all {len(attempts)} attempt(s) gave a volume with NaN/Inf voxels ({attempts[-1]['nonfinite_voxels']} "
+            "in the last); nothing was written for it. The weights produce non-finite values (check the checkpoints, "
+            "or sample in float32: fast={'sampling_dtype': 'float32'}), or raise max_attempts")
     _, hu, ms, q = best
     lab = ms["label"][0, 0].cpu().numpy().astype(np.uint8)
     return GeneratedSample(hu.numpy().astype(np.float32), output_label(lab, opts["label_ids"], self._anatomy_ids(c)), lab,
                            np.asarray(ms["affine"], float), list(c["spacing"]), q, attempts, ms["info"], seed,
                            {k: round(v, 3) for k, v in t.items()})
+
 
 # %% ../nbs/04_inference.ipynb #a15bc4b1
 def software_versions() -> dict:
@@ -737,14 +810,20 @@ def model_info(self:MaisiPipeline) -> dict:
 
 @patch
 def run(self:MaisiPipeline, plan:GenerationPlan, callback=None, progress_bar:bool=True) -> GenerationResult:
-    "Generate the samples of a prepared request (and write them when the plan has output files)."
+    "Generate the samples of a prepared request; with output files each sample is written as soon as it is made."
     t0, n = time.perf_counter(), plan.config["num_output_samples"]
-    spares = list(plan.records[n:]) if plan.records else []
-    samples = [self._generate_sample(plan, i, spares, callback, progress_bar)
-               for i in progress(range(n), desc="samples", disable=None if progress_bar and n > 1 else True)]
-    res = GenerationResult(samples, plan.config, plan.seed, plan.options, self.model_info(), {"total": time.perf_counter() - t0})
-    if plan.files: res.save(files=plan.files, overwrite=True)
+    res = GenerationResult([], plan.config, plan.seed, plan.options, self.model_info(), {"total": 0.0})
+    if plan.files:
+        check_output_dir(Path(plan.files[0]["sidecar"]).parent, "output_dir")
+        for p in temp_files(plan.files): p.unlink(missing_ok=True)   # left by an interrupted run
+    ids = self._anatomy_ids(plan.config)
+    for i in progress(range(n), desc="samples", disable=None if progress_bar and n > 1 else True):
+        if i in plan.done: res.samples.append(load_sample(plan.files[i], plan.done[i])); continue
+        res.samples.append(self._generate_sample(plan, i, callback, progress_bar))
+        if plan.files: res._write_sample(i, plan.files[i], ids)
+    res.timings["total"] = time.perf_counter() - t0
     return res
+
 
 # %% ../nbs/04_inference.ipynb #71c57b4a
 @patch
@@ -772,11 +851,12 @@ def __call__(self:MaisiPipeline,
              output_dir=None, overwrite:bool=False, output_prefix:str="sample", preview:bool=True, # writing
              progress_bar:bool=True,
              latents:torch.Tensor=None, # (num_output_samples,4,X/4,Y/4,Z/4) starting noise of each first attempt (retries draw from the seed)
+             resume:bool=False, # keep the complete samples already in output_dir (same seed and settings), make the rest
             ) -> GenerationResult:
     "Generate CT volumes (HU) with their masks and quality checks; written to `output_dir` when given."
     config = {k: v for k, v in locals().items() if k in INFER_DEFAULTS}
     plan = self.prepare(config, seed, scheduler, mask, mask_source, label_ids, augment, qc, max_attempts, output_dir,
-                        overwrite, output_prefix, preview, latents)
+                        overwrite, output_prefix, preview, latents, resume)
     return self.run(plan, callback, progress_bar)
 
 # %% ../nbs/04_inference.ipynb #f19892da
@@ -816,23 +896,39 @@ def sidecar(result:GenerationResult, i:int, ids=()) -> dict:
 
 # %% ../nbs/04_inference.ipynb #72131bf9
 @patch
+def _write_sample(self:GenerationResult, i:int, f:dict, ids=()) -> None:
+    "Write sample `i` to the paths `f`; its sidecar goes last and so marks the sample complete."
+    s = self.samples[i]
+    Path(f["sidecar"]).unlink(missing_ok=True)   # an old sidecar must not vouch for files being replaced
+    tic = time.perf_counter()
+    save_nifti(s.image, s.affine, f["image"], overwrite=True, dtype=np.float32)
+    save_nifti(s.label, s.affine, f["label"], overwrite=True, dtype=np.uint8)
+    if "preview" in f:
+        with atomic_path(f["preview"]) as tmp: Path(tmp).write_bytes(render_slices(s.image, s.mask_label, s.spacing))
+    s.files = dict(f)
+    s.timings["write"] = round(time.perf_counter() - tic, 3)
+    save_json(sidecar(self, i, ids), f["sidecar"], overwrite=True)
+
+@patch
 def save(self:GenerationResult, output_dir=None, overwrite:bool=False, prefix:str="sample", preview:bool=True,
          files:list=None) -> list:
     "Write every sample (image, label, preview PNG, JSON sidecar) atomically; returns their paths."
     c = self.config
     files = files or output_files(output_dir, prefix, self.seed, len(self), c["image_output_ext"], c["label_output_ext"], preview)
+    check_output_dir(Path(files[0]["sidecar"]).parent, "output_dir")
     check_outputs_free(files, overwrite)
     ids = [label_id(n) for n, _ in c["controllable_anatomy_size"]] if c["controllable_anatomy_size"] else to_anatomy_ids(c["anatomy_list"])
-    for i, (s, f) in enumerate(zip(self.samples, files)):
-        tic = time.perf_counter()
-        save_nifti(s.image, s.affine, f["image"], overwrite=True, dtype=np.float32)
-        save_nifti(s.label, s.affine, f["label"], overwrite=True, dtype=np.uint8)
-        if "preview" in f:
-            with atomic_path(f["preview"]) as tmp: Path(tmp).write_bytes(render_slices(s.image, s.mask_label, s.spacing))
-        s.files = dict(f)
-        s.timings["write"] = round(time.perf_counter() - tic, 3)
-        save_json(sidecar(self, i, ids), f["sidecar"], overwrite=True)
+    for i, f in enumerate(files): self._write_sample(i, f, ids)
     return files
+
+def load_sample(files:dict, meta:dict) -> GeneratedSample:
+    "A complete sample read back from its files and sidecar (`resume`); its `mask_label` is the written label."
+    img, aff = load_nifti(files["image"], np.float32)
+    lab = load_nifti(files["label"])[0].astype(np.uint8)
+    q = None if meta.get("qc") is None else QCResult.from_dict(meta["qc"])
+    return GeneratedSample(img, lab, lab, np.asarray(aff, float), list(meta["spacing"]), q, meta["attempts"], meta["mask"],
+                           meta["sample_seed"], meta["timings_s"], dict(files), resumed=True)
+
 
 # %% ../nbs/04_inference.ipynb #8783714e
 PIPELINE_FILE = "pipeline.json"
@@ -936,7 +1032,10 @@ def _guess_version(path:Path) -> str:
     if "rflow" in path.name: return "rflow"
     if "ddpm" in path.name or "input_unet3d" in path.name: return "ddpm"
     from maisi_nb.networks import read_checkpoint, identify_state_dict
-    return identify_state_dict(read_checkpoint(path)["unet_state_dict"])["version"] or "rflow"
+    ck = read_checkpoint(path)
+    sd = ck.get("unet_state_dict", ck) if isinstance(ck, dict) else None
+    if not isinstance(sd, dict) or not sd: raise ValueError(f"trained_diffusion_path: {path} holds no diffusion UNet weights")
+    return identify_state_dict(sd)["version"] or "rflow"
 
 def pipeline_from_environment(env:dict, # MAISI environment JSON (loaded)
                               network_config=None, # network config (path/dict/preset); None: maisi-<version>
@@ -957,11 +1056,24 @@ def pipeline_from_environment(env:dict, # MAISI environment JSON (loaded)
     return MaisiPipeline(nets, source=f"environment ({files['diffusion_unet'].parent})", **data)
 
 # %% ../nbs/04_inference.ipynb #4b4b3499
-def _read_json(path, what:str) -> dict:
+def _read_json(path, what:str, expect=dict):
+    "A JSON file's content, which must be a `expect` (an object by default); every problem is one clear error."
     p = Path(path)
+    if p.is_dir(): raise IsADirectoryError(f"{what}: {p} is a folder, not a JSON file")
     if not p.is_file(): raise FileNotFoundError(f"{what}: {p} does not exist")
-    try: return json.loads(p.read_text())
-    except json.JSONDecodeError as e: raise ValueError(f"{what}: {p} is not valid JSON ({e})") from None
+    try: d = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ValueError(f"{what}: {p} is not valid JSON ({e})") from None
+    if not isinstance(d, expect):
+        kind = {dict: "an object {...}", list: "a list [...]"}[expect]
+        raise ValueError(f"{what}: {p} must hold {kind}, got {'null' if d is None else type(d).__name__}")
+    return d
+
+def read_environment(path) -> dict:
+    "MAISI's environment file (-e): an object whose keys must all be known (checkpoint paths, mask database, output_dir)."
+    env = _read_json(path, "environment (-e)")
+    for k in env:
+        if k not in ENV_KEYS: raise unknown_key_error(k, ENV_KEYS, f"environment (-e) {path}")
+    return env
 
 def _pair(s:str) -> list:
     name, sep, size = s.rpartition("=")
@@ -990,19 +1102,18 @@ def infer_settings(args, env:dict) -> dict:
 
 # %% ../nbs/04_inference.ipynb #50b109ab
 def _generate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="maisi_generate", description="Generate CT volumes (HU) and their 132-class masks "
-        "with MAISI: from MAISI's own config files, released weights, or the bundled demo model.")
+    p = command_parser("maisi_generate", "Generate CT volumes (HU) and their 132-class masks with MAISI: from MAISI's "
+                       "own config files, released weights, or the bundled demo model. -s/--seed (upstream's "
+                       "--random-seed) names the run: the same seed gives the same files.", resume=True, seed_default=None)
     g = p.add_argument_group("MAISI files (upstream's -c/-i/-e/-x/-s work unchanged)")
     g.add_argument("-c", "--network-config", help="network config JSON (config_maisi3d-*.json)")
     g.add_argument("-i", "--infer-config", help="inference config JSON (config_infer*.json)")
     g.add_argument("-e", "--environment", help="environment JSON: checkpoint paths, mask database, output_dir")
     g.add_argument("-x", "--extra-config", action="append", help="extra config JSON (inference keys are used)")
-    g.add_argument("-s", "--random-seed", "--seed", dest="seed", type=int, help="seed: the same seed gives the same files")
     g.add_argument("--version", help="maisi3d-rflow / maisi3d-ddpm (or rflow / ddpm) when it cannot be detected")
     w = p.add_argument_group("weights and masks")
     w.add_argument("--weights-dir", help="folder of released MAISI files, or one written by save_pretrained")
     w.add_argument("--preset", choices=list(PRESETS), help="untrained networks of a preset (tests, benchmarks)")
-    w.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when available)")
     w.add_argument("--mask", help="your own mask (NIfTI, MAISI ids)")
     w.add_argument("--mask-source", choices=MASK_SOURCES)
     w.add_argument("--mask-database", help="candidate-mask database JSON (maisi_build_mask_db)")
@@ -1030,7 +1141,6 @@ def _add_setting_flags(p:argparse.ArgumentParser) -> None:
     s.add_argument("--modality")
     o = p.add_argument_group("output and extras")
     o.add_argument("-o", "--output-dir", help="default: the environment's output_dir, else ./output")
-    o.add_argument("--overwrite", action="store_true", help="replace existing output files")
     o.add_argument("--prefix", default="sample", help="output file-name prefix")
     o.add_argument("--scheduler", choices=("ddpm", "rflow"), help="swap the sampler (default: the model's)")
     o.add_argument("--label-ids", choices=("global", "anatomy_list"), default="global")
@@ -1040,38 +1150,50 @@ def _add_setting_flags(p:argparse.ArgumentParser) -> None:
 
 # %% ../nbs/04_inference.ipynb #b4609a02
 def _cli_pipeline(a, env:dict) -> MaisiPipeline:
-    "The pipeline the command's arguments ask for."
+    "The pipeline the command's arguments ask for; once weights are named, the demo model is never a fallback."
     version = (a.version or "").replace("maisi3d-", "") or None
     if version not in (None, "ddpm", "rflow"): raise ValueError(f"--version: expected maisi3d-rflow or maisi3d-ddpm, got {a.version!r}")
     dirs = [Path.cwd()] + ([Path(a.weights_dir)] if a.weights_dir else []) + \
            ([Path(os.environ["MONAI_DATA_DIRECTORY"])] if os.environ.get("MONAI_DATA_DIRECTORY") else [])
+    named = [k for k in ENV_WEIGHT_KEYS.values() if k in env]
+    if sum(map(bool, (a.preset, named, a.weights_dir))) > 1:
+        raise ValueError("weights: give one of --preset, --weights-dir or the environment's trained_*_path keys (-e), not several")
     if a.preset: pipe = MaisiPipeline.from_preset(a.preset, a.device); print(f"untrained preset {a.preset!r}: output is noise-like")
-    elif any(env.get(k) for k in ENV_WEIGHT_KEYS.values()): pipe = pipeline_from_environment(env, a.network_config, version, a.device, dirs)
+    elif named: pipe = pipeline_from_environment(env, a.network_config, version, a.device, dirs)
     elif a.weights_dir: pipe = MaisiPipeline.from_pretrained(a.weights_dir, a.device, version)
-    else: pipe = default_pipeline(a.device)
-    if a.mask_database: pipe.mask_database, pipe.mask_dir = Path(a.mask_database), Path(a.mask_dir or Path(a.mask_database).parent)
-    if a.size_conditions: pipe.size_conditions = _read_json(a.size_conditions, "--size-conditions")
+    else:
+        if a.network_config or a.version:
+            raise ValueError(f"{'-c/--network-config' if a.network_config else '--version'}: given, but no weights are: name "
+                             "them with -e (trained_*_path keys) or --weights-dir; the bundled demo model has its own network")
+        pipe = default_pipeline(a.device)
+    if a.mask_database:
+        load_mask_database(a.mask_database)   # a broken database is an error now, not after loading the networks
+        pipe.mask_database, pipe.mask_dir = Path(a.mask_database), Path(a.mask_dir or Path(a.mask_database).parent)
+    if a.size_conditions: pipe.size_conditions = _read_json(a.size_conditions, "--size-conditions", list)
     return pipe
 
+@cli_command("maisi_generate")
 def generate_cli(argv=None) -> int:
     "maisi_generate: generate CT volumes and their masks (MAISI's config files, released weights or the demo model)."
     p = _generate_parser(); _add_setting_flags(p)
     a = p.parse_args(argv)
-    try:
-        env = _read_json(a.environment, "environment (-e)") if a.environment else {}
-        cfg = infer_settings(a, env)
-        pipe = _cli_pipeline(a, env)
-        out = Path(a.output_dir or env.get("output_dir") or "output")
-        res = pipe(**cfg, seed=a.seed, scheduler=a.scheduler, mask=a.mask, mask_source=a.mask_source, label_ids=a.label_ids,
-                   augment=not a.no_augment, qc=not a.no_qc, max_attempts=a.max_attempts, output_dir=out,
-                   overwrite=a.overwrite, output_prefix=a.prefix, preview=not a.no_preview)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
-        print(f"maisi_generate: error: {e}", file=sys.stderr); return 2
+    env = read_environment(a.environment) if a.environment else {}
+    cfg = infer_settings(a, env)
+    if a.resume and a.seed is None: raise ValueError("--resume: needs the seed (-s) of the interrupted run; its files are named by it")
+    out = Path(a.output_dir or env.get("output_dir") or "output")
+    check_output_dir(out, "output_dir (-o)", create=False)   # before the networks are loaded
+    default_device(a.device)
+    pipe = _cli_pipeline(a, env)
+    res = pipe(**cfg, seed=a.seed, scheduler=a.scheduler, mask=a.mask, mask_source=a.mask_source, label_ids=a.label_ids,
+               augment=not a.no_augment, qc=not a.no_qc, max_attempts=a.max_attempts, output_dir=out,
+               overwrite=a.overwrite, output_prefix=a.prefix, preview=not a.no_preview, resume=a.resume)
     for i, s in enumerate(res.samples):
-        verdict = "not checked" if s.qc is None else "passed" if s.qc.passed else "FAILED (" + ", ".join(s.qc.failed) + ")"
-        print(f"sample {i}: {s.files['image']}  {s.files['label']}  QC {verdict} after {len(s.attempts)} attempt(s)")
+        verdict = "not checked (switched off)" if s.qc is None else s.qc.verdict()
+        kept = "  (complete from the interrupted run)" if s.resumed else ""
+        print(f"sample {i}: {s.files['image']}  {s.files['label']}  QC {verdict} after {len(s.attempts)} attempt(s){kept}")
     print(f"seed {res.seed}; {len(res)} sample(s) in {res.timings['total']:.1f} s")
     return 0
+
 
 # %% ../nbs/04_inference.ipynb #0b4f3205
 def _widgets():

@@ -95,7 +95,9 @@ def test_no_weights_uses_the_bundled_demo_model(tmp_path):
     assert side["output_size"] == [64, 64, 64] and side["spacing"] == [6.0, 6.0, 6.0]
 
 def call(capsys, *args):
-    rc = generate_cli([str(a) for a in args])
+    "The command in this process: user errors raise SystemExit(2) after one line on stderr."
+    try: rc = generate_cli([str(a) for a in args])
+    except SystemExit as e: rc = e.code
     cap = capsys.readouterr()
     return rc, cap.out, cap.err
 
@@ -131,7 +133,7 @@ def test_errors_name_the_key(tmp_path, capsys, args, message):
     rc, out, err = call(capsys, "--preset", "tiny", *args, "-o", tmp_path)
     assert rc == 2
     import re
-    assert re.search(message, err), err
+    assert re.search(message, err) and len(err.splitlines()) == 1 and err.startswith("maisi_generate: error: "), err
     assert not any(tmp_path.iterdir())                    # nothing written
 
 def test_unknown_infer_key(tmp_path, capsys):
