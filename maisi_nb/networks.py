@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_networks.ipynb #dc7c136f
 from __future__ import annotations
-import contextlib, copy, functools, math, pickle, re
+import contextlib, copy, difflib, functools, math, pickle, re
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -17,8 +17,9 @@ from monai.apps.generation.maisi.networks.autoencoderkl_maisi import (
 from .utils import default_device, in_test, save_json, torch_save
 
 # %% auto #0
-__all__ = ['MAISI_DDPM', 'MAISI_RFLOW', 'TINY_DDPM', 'TINY', 'PRESETS', 'NETWORK_ROLES', 'SCHEDULER_ROLES', 'COMPONENTS',
-           'CHECKPOINT_LAYOUTS', 'RELEASED_FILES', 'SAVE_NAMES', 'load_network_config', 'network_version',
+__all__ = ['MAISI_DDPM', 'MAISI_RFLOW', 'TINY_DDPM', 'TINY', 'PRESETS', 'VARIANTS', 'MR_VARIANTS', 'MR_GRIDS', 'MR_SPACING',
+           'VARIANT_GRIDS', 'NETWORK_ROLES', 'SCHEDULER_ROLES', 'COMPONENTS', 'CHECKPOINT_LAYOUTS', 'RELEASED_FILES',
+           'SAVE_NAMES', 'load_network_config', 'network_version', 'ModelVariant', 'check_variant', 'check_mr_grid',
            'runtime_config', 'MaisiNetworks', 'count_parameters', 'build_networks', 'parameter_table',
            'identify_state_dict', 'convert_old_state_dict', 'read_checkpoint', 'load_checkpoint', 'save_checkpoint',
            'find_checkpoints', 'load_pretrained', 'load_into', 'save_pretrained', 'split_layers', 'valid_num_splits',
@@ -112,6 +113,83 @@ def network_version(config) -> str:
     target = load_network_config(config).get("noise_scheduler", {}).get("_target_", "")
     return "rflow" if target.endswith("RFlowScheduler") else "ddpm"
 
+# %% ../nbs/00_networks.ipynb #b7e2c001
+PRESETS |= {"rflow-ct": MAISI_RFLOW, "rflow-mr": MAISI_RFLOW, "rflow-mr-brain": MAISI_RFLOW,
+            "ddpm-ct": _merge(MAISI_DDPM, {r: {"include_fc": False, "resblock_updown": False}
+                                           for r in ("diffusion_unet_def", "controlnet_def")})}
+_BASE_PRESETS = ("maisi-ddpm", "maisi-rflow", "tiny", "tiny-ddpm")  # one per distinct network layout
+
+@dataclass(frozen=True)
+class ModelVariant:
+    "One released NV-Generate model: its preset, checkpoint names and shipped inference settings."
+    name: str
+    version: str  # 'rflow' or 'ddpm': network and scheduler
+    image: str  # 'ct' or 'mr': what the decoder output means
+    files: dict  # role -> released file names, newest first
+    modality: int  # default class label
+    modalities: tuple  # class labels the model is documented for
+    output_size: tuple
+    spacing: tuple  # mm
+    num_inference_steps: int
+    guidance_scale: float  # classifier-free guidance of the shipped image-only config
+    seed: int
+    max_output_size: tuple  # the README's largest volume
+    repo: str  # where NVIDIA publishes the diffusion checkpoint
+
+_MASK_FILES = {"mask_generation_autoencoder": ("mask_generation_autoencoder.pt",),
+               "mask_generation_diffusion": ("mask_generation_diffusion_unet.pt",)}
+def _ct_files(v): return {"autoencoder": ("autoencoder_v1.pt",), "diffusion_unet": (f"diff_unet_3d_{v}-ct.pt",),
+                          "controlnet": (f"controlnet_3d_{v}-ct.pt",)} | _MASK_FILES
+_BRAIN_CODES = (9, 10, 11, 16, 20, 29, 30, 31, 32, 33, 8)
+VARIANTS = {v.name: v for v in (
+    ModelVariant("rflow-ct", "rflow", "ct", _ct_files("rflow"), 1, (1,), (256, 256, 128), (1.7, 1.7, 2.0), 30, 0.0, 0,
+                 (512, 512, 768), "nvidia/NV-Generate-CT"),
+    ModelVariant("ddpm-ct", "ddpm", "ct", _ct_files("ddpm"), 1, (1,), (256, 256, 128), (1.0, 1.0, 0.75), 1000, 0.0, 0,
+                 (512, 512, 768), "nvidia/NV-Generate-CT"),
+    ModelVariant("rflow-mr", "rflow", "mr", {"autoencoder": ("autoencoder_v2.pt",), "diffusion_unet": ("diff_unet_3d_rflow-mr.pt",),
+                 "controlnet": ("controlnet_3d_rflow-mr.pt",)}, 9, (9, 10, 11, 8), (128, 256, 256), (1.25, 1.0, 1.0), 30, 15.0, 0,
+                 (512, 512, 128), "nvidia/NV-Generate-MR"),
+    ModelVariant("rflow-mr-brain", "rflow", "mr", {"autoencoder": ("autoencoder_v1.pt",),
+                 "diffusion_unet": ("diff_unet_3d_rflow-mr-brain_v1.pt", "diff_unet_3d_rflow-mr-brain_v0.pt"),
+                 "controlnet": ("controlnet_3d_rflow-mr-brain.pt",)}, 9, _BRAIN_CODES, (256, 256, 128), (0.94, 0.94, 1.36),
+                 30, 2.0, 1234, (512, 512, 256), "nvidia/NV-Generate-MR-Brain"))}
+MR_VARIANTS = tuple(n for n, v in VARIANTS.items() if v.image == "mr")
+
+def check_variant(name) -> str:
+    "`name` if it is a released model's name, else a ValueError with the closest name."
+    if name in VARIANTS: return name
+    near = difflib.get_close_matches(str(name), list(VARIANTS), n=1, cutoff=0.5)
+    raise ValueError(f"variant: unknown model {name!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
+                     + f"; allowed: {', '.join(VARIANTS)}")
+
+# %% ../nbs/00_networks.ipynb #b7e2c004
+MR_GRIDS = {  # Z -> allowed (X, Y): upstream's check_input_mr
+    128: ((128, 128), (256, 256), (384, 384), (512, 512)),
+    256: ((128, 256), (256, 128), (256, 256))}
+MR_SPACING = (0.4, 5.0)  # mm, every axis, inclusive
+VARIANT_GRIDS = {"rflow-mr": MR_GRIDS, "rflow-mr-brain": {128: MR_GRIDS[128], 256: MR_GRIDS[256] + ((512, 512),)}}
+
+def check_mr_grid(output_size, # [X, Y, Z] voxels
+                  spacing, # [sx, sy, sz] mm
+                  variant:str="rflow-mr") -> tuple:
+    "([X,Y,Z], [sx,sy,sz]) after checking them against an MR model's grids; one clear ValueError otherwise."
+    if check_variant(variant) not in VARIANT_GRIDS:
+        raise ValueError(f"variant: {variant!r} is a CT model; MR grids apply to {', '.join(VARIANT_GRIDS)}")
+    grids = VARIANT_GRIDS[variant]
+    ok3 = lambda v: isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(x, (int, float, np.number)) and not isinstance(x, bool) for x in v)
+    if not ok3(output_size) or any(int(x) != x for x in output_size):
+        raise ValueError(f"output_size: expected 3 whole numbers [X, Y, Z], got {output_size!r}")
+    if not ok3(spacing) or not all(math.isfinite(s) for s in spacing):
+        raise ValueError(f"spacing: expected 3 numbers [sx, sy, sz] in mm, got {spacing!r}")
+    x, y, z = (int(v) for v in output_size)
+    allowed = "; ".join(f"Z={k}: " + ", ".join(f"{a}×{b}" for a, b in v) for k, v in grids.items())
+    if z not in grids or (x, y) not in grids[z]:
+        raise ValueError(f"output_size: {x}×{y}×{z} is not a grid of {variant}; allowed X×Y per Z: {allowed}")
+    lo, hi = MR_SPACING
+    if not all(lo <= s <= hi for s in spacing):
+        raise ValueError(f"spacing: {list(spacing)} mm; {variant} allows {lo}–{hi} mm on every axis")
+    return [x, y, z], [float(s) for s in spacing]
+
 # %% ../nbs/00_networks.ipynb #cf74921e
 NETWORK_ROLES = ("autoencoder", "diffusion_unet", "controlnet", "mask_generation_autoencoder",
                  "mask_generation_diffusion")
@@ -166,6 +244,7 @@ class MaisiNetworks:
     version: str = "rflow"
     preset: str|None = None
     config: dict = field(default_factory=dict)
+    variant: str|None = None  # released model (see `VARIANTS`), when known
 
     def __getitem__(self, role:str):
         if role not in COMPONENTS + ("scale_factor", "mask_generation_scale_factor"):
@@ -188,7 +267,8 @@ class MaisiNetworks:
     def __repr__(self):
         parts = [f"{r}={type(m).__name__}({count_parameters(m)/1e6:.2f}M)" for r, m in self.networks().items()]
         parts += [f"{r}={type(getattr(self, r)).__name__}" for r in SCHEDULER_ROLES if getattr(self, r) is not None]
-        return f"MaisiNetworks(preset={self.preset!r}, version={self.version!r}, " + ", ".join(parts) + ")"
+        v = f"variant={self.variant!r}, " if self.variant else ""
+        return f"MaisiNetworks(preset={self.preset!r}, version={self.version!r}, {v}" + ", ".join(parts) + ")"
 
 def count_parameters(module:nn.Module) -> int:
     "Number of parameters of `module`."
@@ -216,10 +296,14 @@ def build_networks(config="maisi-rflow", # preset name, network-config file or d
                    device=None, # default: CUDA if available; "meta" builds shapes only
                    which=COMPONENTS, # roles to build (see `COMPONENTS`)
                    seed:int|None=None, # weight-initialisation seed (None: global RNG)
+                   variant:str|None=None, # released model these networks stand for (default: `config` if it names one)
                    **runtime, # use_flash_attention, norm_float16, autoencoder_tp_num_splits, dim_split
                   ) -> MaisiNetworks:
     "Build the MAISI networks and schedulers described by `config` on `device`."
     preset = config if isinstance(config, str) and config in PRESETS else None
+    variant = check_variant(variant) if variant is not None else (preset if preset in VARIANTS else None)
+    if variant and network_version(config) != VARIANTS[variant].version:
+        raise ValueError(f"variant: {variant} is a {VARIANTS[variant].version} model, but the network config is {network_version(config)}")
     cfg, which, device = load_network_config(config), _check_which(which), default_device(device)
     missing = [w for w in which if (f"{w}_def" if w in NETWORK_ROLES else w) not in cfg]
     if missing: raise ValueError(f"network config: no entry for {missing} (has {sorted(cfg)})")
@@ -229,7 +313,8 @@ def build_networks(config="maisi-rflow", # preset name, network-config file or d
     for w in which:
         if w in NETWORK_ROLES: built[w].eval()
     msf = torch.tensor(float(cfg.get("mask_generation_scale_factor", 1.0)))
-    return MaisiNetworks(**built, mask_generation_scale_factor=msf, version=network_version(cfg), preset=preset, config=cfg)
+    return MaisiNetworks(**built, mask_generation_scale_factor=msf, version=network_version(cfg), preset=preset,
+                         config=cfg, variant=variant)
 
 # %% ../nbs/00_networks.ipynb #21d5c604
 def parameter_table(presets=("maisi-ddpm", "maisi-rflow", "tiny", "tiny-ddpm"), device="meta") -> str:
@@ -275,7 +360,7 @@ def _signature(shapes:dict) -> tuple:
 def identify_state_dict(state_dict:dict) -> dict:
     "What a state dict is: {'role', 'version', 'presets' (exact matches), 'description'}."
     shapes = _shape_map(state_dict)
-    exact = [(p, r) for p in PRESETS for r, ref in _preset_shapes(p).items() if ref == shapes]
+    exact = [(p, r) for p in _BASE_PRESETS for r, ref in _preset_shapes(p).items() if ref == shapes]
     role, version = (exact[0][1], network_version(exact[0][0])) if exact else _signature(shapes)
     if role is None: return {"role": None, "version": None, "presets": [], "description": "not a MAISI network"}
     kind = {"rflow": "an RFlow ", "ddpm": "a DDPM ", None: "a "}[version if role in ("diffusion_unet", "controlnet") else None]
@@ -299,6 +384,9 @@ def _unwrap(obj, role:str, path) -> tuple:
     wrap = CHECKPOINT_LAYOUTS[role]
     if wrap is None:
         if _is_state_dict(obj): return obj, {}
+        inner = obj.get("unet_state_dict") if isinstance(obj, dict) else None
+        if role == "autoencoder" and _is_state_dict(inner) and _signature(_shape_map(inner))[0] == role:
+            return inner, {}  # NV-Generate v2 also reads an image autoencoder saved under "unet_state_dict"
         raise ValueError(f"{path}: a {role} checkpoint is a bare state dict, but this file holds {_describe(obj)}")
     if not (isinstance(obj, dict) and isinstance(obj.get(wrap), dict)):
         raise ValueError(f"{path}: a {role} checkpoint is a dict with {wrap!r}, but this file holds {_describe(obj)}")
@@ -410,44 +498,70 @@ def _first(folders, names):
             if hits: return hits[0]
 
 # %% ../nbs/00_networks.ipynb #53134fd3
-def find_checkpoints(directory, # folder holding the checkpoints (or a models/ folder inside it)
-                     version:str|None=None, # 'ddpm' or 'rflow'; None: decide from the file names
-                    ) -> tuple:
-    "(version, {role: path}) of the released checkpoint files found in `directory`."
+def _locate(directory, version:str|None=None, variant:str|None=None) -> tuple:
+    "(variant, version, {role: path}) of the released checkpoints in `directory`."
     d = Path(directory)
     if not d.is_dir(): raise FileNotFoundError(f"directory: {d} is not a folder")
     if version not in (None, "ddpm", "rflow"): raise ValueError(f"version: expected 'ddpm', 'rflow' or None, got {version!r}")
+    if variant is not None:
+        variant = check_variant(variant)
+        if version not in (None, VARIANTS[variant].version):
+            raise ValueError(f"version: {version!r} does not match variant {variant!r} ({VARIANTS[variant].version})")
+        version = VARIANTS[variant].version
     folders = [d, d/"models"]
+    masks = {r: p for r in _MASK_FILES if (p := _first(folders, RELEASED_FILES[r][None]))}
+    mr = [n for n in MR_VARIANTS if _first(folders, VARIANTS[n].files["diffusion_unet"])]
     found = {v: {r: p for r in ("diffusion_unet", "controlnet") if (p := _first(folders, RELEASED_FILES[r][v]))}
              for v in ("ddpm", "rflow")}
+    if variant is None and mr and version in (None, "rflow"):
+        ct = [f"{v}-ct" for v in ("rflow", "ddpm") if "diffusion_unet" in found[v] and version in (None, v)]
+        if len(mr) + len(ct) > 1:
+            raise ValueError(f"{d}: holds the diffusion checkpoints of several models ({', '.join(ct + mr)}); pass variant=")
+        if not ct: variant = mr[0]
+    if variant in MR_VARIANTS:
+        files = {r: p for r, names in VARIANTS[variant].files.items() if (p := _first(folders, names))}
+        return variant, "rflow", masks | files
     if version is None:
         have = [v for v in ("rflow", "ddpm") if found[v]]
         if len(have) == 2: raise ValueError(f"{d}: holds both DDPM and RFlow checkpoints; pass version='ddpm' or 'rflow'")
         version = have[0] if have else None
     files = {r: p for r in NETWORK_ROLES if None in RELEASED_FILES[r] and (p := _first(folders, RELEASED_FILES[r][None]))}
-    return version, {**files, **(found[version] if version else {})}
+    return (f"{version}-ct" if version else None), version, {**files, **(found[version] if version else {})}
+
+def find_checkpoints(directory, # folder holding the checkpoints (or a models/ folder inside it)
+                     version:str|None=None, # 'ddpm' or 'rflow'; None: decide from the file names
+                     variant:str|None=None, # a released model (`VARIANTS`); None: decide from the file names
+                    ) -> tuple:
+    "(version, {role: path}) of the released checkpoint files found in `directory`."
+    return _locate(directory, version, variant)[1:]
 
 def _find_config(d:Path, version:str):
-    names = [f"config_maisi3d-{version}.json"] + (["config_maisi.json"] if version == "ddpm" else [])
+    names = [f"config_maisi3d-{version}.json", f"config_network_{version}.json"] + (["config_maisi.json"] if version == "ddpm" else [])
     return _first([d/"configs", d], names)
 
 # %% ../nbs/00_networks.ipynb #a32fb722
 def load_pretrained(directory, # folder with released (or `save_pretrained`) checkpoints
-                    config=None, # network config; None: the one in the folder, else preset maisi-<version>
+                    config=None, # network config; None: the one in the folder, else the model's preset
                     version:str|None=None, # 'ddpm' / 'rflow'; None: from the file names
                     device=None, which=None, # roles to build (default: those with a file, plus the schedulers)
-                    map_location="cpu", **runtime) -> MaisiNetworks:
+                    map_location="cpu",
+                    variant:str|None=None, # a released model (`VARIANTS`); None: from the file names
+                    **runtime) -> MaisiNetworks:
     "Build the networks that match the checkpoints in `directory` and load them strictly."
-    version, files = find_checkpoints(directory, version)
+    variant, version, files = _locate(directory, version, variant)
     if not files: raise FileNotFoundError(f"{directory}: no MAISI checkpoint found (looked for {RELEASED_FILES})")
-    if config is None: config = _find_config(Path(directory), version or "rflow") or f"maisi-{version or 'rflow'}"
+    if config is None:
+        config = _find_config(Path(directory), version or "rflow") or (
+            variant if variant in MR_VARIANTS else f"maisi-{version or 'rflow'}")
     if version and network_version(config) != version:
         raise ValueError(f"config: a {network_version(config)} network config, but {directory} holds {version} checkpoints")
     which = _check_which(which or tuple(files) + SCHEDULER_ROLES)
     absent = [r for r in which if r in NETWORK_ROLES and r not in files]
-    if absent: raise FileNotFoundError(f"{directory}: no checkpoint for {absent}; file names tried: "
-                                       f"{ {r: RELEASED_FILES[r] for r in absent} }")
-    nets = build_networks(config, device, which, **runtime)
+    if absent:
+        tried = {r: list(VARIANTS[variant].files.get(r, RELEASED_FILES[r].get(None, ()))) if variant in MR_VARIANTS
+                 else RELEASED_FILES[r] for r in absent}
+        raise FileNotFoundError(f"{directory}: no checkpoint for {absent}; file names tried: {tried}")
+    nets = build_networks(config, device, which, variant=variant, **runtime)
     for r in which:
         if r in NETWORK_ROLES: load_into(nets, r, files[r], map_location)
     return nets
@@ -467,9 +581,10 @@ SAVE_NAMES = {"autoencoder": "autoencoder_v1.pt", "diffusion_unet": "diff_unet_3
               "mask_generation_diffusion": "mask_generation_diffusion_unet.pt"}
 
 def save_pretrained(nets:MaisiNetworks, directory, overwrite:bool=False) -> dict:
-    "Write `nets` as `configs/config_maisi3d-<version>.json` + `models/<released names>`; returns {role: path}."
+    "Write `nets` as `configs/config_maisi3d-<version>.json` + `models/<released names>` (the MR models' own); returns {role: path}."
     d = Path(directory)
-    paths = {r: d/"models"/SAVE_NAMES[r].format(version=nets.version) for r in nets.networks()}
+    own = VARIANTS[nets.variant].files if nets.variant in MR_VARIANTS else {}
+    paths = {r: d/"models"/(own[r][0] if r in own else SAVE_NAMES[r].format(version=nets.version)) for r in nets.networks()}
     paths["config"] = d/"configs"/f"config_maisi3d-{nets.version}.json"
     if not overwrite and (there := [str(p) for p in paths.values() if p.exists()]):
         raise FileExistsError(f"{there} exist; pass overwrite=True to replace them")
