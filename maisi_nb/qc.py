@@ -14,7 +14,9 @@ import torch
 import torch.nn as nn
 from monai.metrics import FIDMetric
 from monai.transforms import CenterSpatialCrop, Compose, EnsureChannelFirst, LoadImage, Orientation, ScaleIntensityRange, Spacing, SpatialPad
-from .utils import atomic_path, load_nifti, progress, save_json, torch_save
+from .utils import atomic_path, load_nifti, progress, save_json, torch_save, default_device, check_output_dir
+from .config import command_parser, cli_command
+from .training import is_temp_file
 from .hu_qc import (MEDIAN_STATISTICS, ORGAN_GROUPS, OrganQC, QCResult, QC_RULES, compute_median_statistics, load_statistics, organ_medians, quality_check, save_statistics, text_table)
 from .features import (FEATURE_NETWORKS, HEDVGG16, HED_PREPROCESSING, MAISI_PREPROCESSING, PLANES, RadImageNetResNet50, SlicePreprocessing, TinyFeatureNet, center_slice_range, extract_features_2p5d, hed_weights_path, hu_to_unit, load_feature_network, load_hed_vgg16, network_info, perceptual_distance, plane_slices, preprocess_slices, reconstruction_metrics, reconstruction_table)
 
@@ -48,7 +50,11 @@ def load_volume_for_fid(path, spacing=None, target_shape=None, pad:bool=True, cr
     if target_shape is not None and pad: t.append(SpatialPad(tuple(target_shape), mode="constant", value=-1000))
     if target_shape is not None and crop: t.append(CenterSpatialCrop(tuple(target_shape)))
     t.append(ScaleIntensityRange(-1000, 1000, -1000, 1000, clip=True))
-    return torch.as_tensor(Compose(t)(str(path)))[0].float()
+    load_nifti(path)   # a missing, truncated or non-NIfTI file is one clear error naming it
+    v = torch.as_tensor(Compose(t)(str(path)))[0].float()
+    bad = int(v.numel() - torch.isfinite(v).sum())
+    if bad: raise ValueError(f"volumes: {path} has {bad} NaN/Inf voxels; FID of such a volume means nothing (check it with maisi_qc)")
+    return v
 
 def fid_settings(network:nn.Module, preprocessing:SlicePreprocessing, center_slices_ratio=None, spacing=None,
                  target_shape=None, pad:bool=True, crop:bool=True, planes=PLANES) -> dict:
@@ -77,7 +83,9 @@ class FeatureCache:
     def load(self, file) -> dict|None:
         p = self.path(file)
         if not p.exists(): return None
-        d = torch.load(p, map_location="cpu", weights_only=True)
+        try: d = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception: return None   # a truncated or foreign cache file is a miss: the features are computed again
+        if not isinstance(d, dict): return None
         ok = d.get("settings") == json.dumps(self.settings, sort_keys=True, default=str) and d.get("source") == json.dumps(self._source(file))
         return {k: d[k] for k in PLANES if k in d} if ok else None
     def save(self, file, feats:dict):
@@ -90,11 +98,13 @@ def list_volumes(source, # a folder, a .txt file list, or a list of files
                  root=None, # folder that relative entries of a .txt list are under
                  num_images:int=None, # keep the first `num_images` after sorting (as upstream)
                 ) -> list:
-    "Sorted list of NIfTI volumes from a folder, a text file list or explicit paths."
+    "Sorted list of NIfTI volumes from a folder (hidden and temporary files skipped), a text file list or explicit paths."
     items = [source] if isinstance(source, (str, Path)) else list(source)
     files = []
     for s in map(Path, items):
-        if s.is_dir(): files += [p for p in s.iterdir() if p.name.endswith((".nii", ".nii.gz"))]
+        if s.is_dir(): files += [p for p in s.iterdir() if p.name.endswith((".nii", ".nii.gz"))
+                                 and not is_temp_file(p) and not p.name.startswith(".")]   # temp files of interrupted writes
+        elif is_temp_file(s): raise ValueError(f"volumes: {s} is a temporary file left by an interrupted write, not a volume")
         elif s.suffix == ".txt" and s.is_file():
             files += [Path(root or s.parent) / l.strip() for l in s.read_text().splitlines() if l.strip()]
         else: files.append(s)
@@ -141,29 +151,36 @@ def compute_fid(real, # real volumes: folder, .txt list or list of files
             "versions": {"torch": torch.__version__, "monai": monai.__version__}}
 
 # %% ../nbs/05_qc.ipynb #510a2c5e
-def _outputs_free(ap, paths, overwrite:bool):
+def _outputs_free(paths, overwrite:bool):
+    "Each output path must be writable and, unless `overwrite`, not there yet."
     for p in paths:
-        if p and Path(p).exists() and not overwrite: ap.error(f"{p} exists; pass --overwrite to replace it")
+        if not p: continue
+        if Path(p).is_dir(): raise IsADirectoryError(f"{p} is a folder; give a file name")
+        if Path(p).exists() and not overwrite: raise FileExistsError(f"{p} exists; pass --overwrite to replace it")
+        check_output_dir(Path(p).parent, str(p), create=False)
 
 def _save_figure(fig, path, overwrite:bool):
     with atomic_path(path, overwrite) as tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
 
+def _input_volume(path, what:str) -> Path:
+    if is_temp_file(path): raise ValueError(f"{what}: {path} is a temporary file left by an interrupted write, not a volume")
+    return Path(path)
+
+@cli_command("maisi_qc")
 def qc_cli(argv=None) -> int:
-    "maisi_qc: organ-median quality check of a CT image against its MAISI label."
-    ap = argparse.ArgumentParser(prog="maisi_qc", description=qc_cli.__doc__)
+    "maisi_qc: organ-median quality check of a CT image against its MAISI label (exit 0 passed, 1 failed or not checked)."
+    ap = command_parser("maisi_qc", qc_cli.__doc__, seed=False, device=False)
     ap.add_argument("image", help="CT NIfTI in HU"); ap.add_argument("label", help="label NIfTI with MAISI ids")
     ap.add_argument("--rule", choices=QC_RULES, default="now", help="acceptance band (default: now)")
     ap.add_argument("--statistics", help="statistics JSON (default: MAISI's table)")
     ap.add_argument("--organs", nargs="+", help="organ groups to check (default: all)")
     ap.add_argument("--resample-label", action="store_true", help="resample a label of another shape (nearest)")
     ap.add_argument("--json", help="write the report as JSON"); ap.add_argument("--png", help="write the figure")
-    ap.add_argument("--overwrite", action="store_true")
     a = ap.parse_args(argv)
-    _outputs_free(ap, [a.json, a.png], a.overwrite)
-    try:
-        res = quality_check(load_nifti(a.image, np.float32)[0], load_nifti(a.label)[0], a.statistics, a.rule,
-                            organs=a.organs, resample_label=a.resample_label)
-    except (ValueError, FileNotFoundError) as e: ap.error(str(e))
+    _outputs_free([a.json, a.png], a.overwrite)
+    img = load_nifti(_input_volume(a.image, "image"), np.float32)[0]
+    lab = load_nifti(_input_volume(a.label, "label"))[0]
+    res = quality_check(img, lab, a.statistics, a.rule, organs=a.organs, resample_label=a.resample_label)
     print(res)
     if a.json: res.save_json(a.json, overwrite=a.overwrite)
     if a.png:
@@ -171,17 +188,18 @@ def qc_cli(argv=None) -> int:
         fig = Figure(figsize=(6, 0.4 * len(res.organs) + 1)); res.plot(fig.subplots()); _save_figure(fig, a.png, a.overwrite)
     return 0 if res.passed else 1
 
+
 # %% ../nbs/05_qc.ipynb #458298cf
-def _triple(ap, s:str, name:str, typ=float):
+def _triple(s:str, name:str, typ=float):
     if s is None: return None
     try:
         v = [typ(t) for t in s.lower().split("x")]
-        if len(v) == 3: return v
+        if len(v) == 3 and all(np.isfinite(x) and x > 0 for x in v): return v
     except ValueError: pass
-    ap.error(f"--{name}: expected three numbers like {'1.0x1.0x1.0' if typ is float else '512x512x512'}, got {s!r}")
+    raise ValueError(f"--{name}: expected three positive numbers like {'1.0x1.0x1.0' if typ is float else '512x512x512'}, got {s!r}")
 
 def _fid_parser():
-    ap = argparse.ArgumentParser(prog="maisi_fid", description="maisi_fid: 2.5D FID (XY, YZ, ZX planes and average) between two CT sets.")
+    ap = command_parser("maisi_fid", "maisi_fid: 2.5D FID (XY, YZ, ZX planes and average) between two CT sets.", seed=False)
     ap.add_argument("--real", nargs="+", required=True, help="folder, .txt file list or NIfTI files")
     ap.add_argument("--synth", nargs="+", required=True, help="folder, .txt file list or NIfTI files")
     ap.add_argument("--real-root"); ap.add_argument("--synth-root")
@@ -191,24 +209,30 @@ def _fid_parser():
     ap.add_argument("--target-shape", help="e.g. 512x512x512"); ap.add_argument("--no-padding", action="store_true")
     ap.add_argument("--no-cropping", action="store_true"); ap.add_argument("--num-images", type=int)
     ap.add_argument("--batch-size", type=int, default=16); ap.add_argument("--cache-dir")
-    ap.add_argument("--ignore-existing", action="store_true"); ap.add_argument("--device")
-    ap.add_argument("--json", help="write the result JSON"); ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--ignore-existing", action="store_true")
+    ap.add_argument("--json", help="write the result JSON")
     return ap
 
 # %% ../nbs/05_qc.ipynb #1d7c911b
+@cli_command("maisi_fid")
 def fid_cli(argv=None) -> int:
     "maisi_fid: 2.5D FID between two sets of CT volumes; prints the table and optionally writes a JSON record."
     ap = _fid_parser(); a = ap.parse_args(argv)
-    _outputs_free(ap, [a.json], a.overwrite)
-    spacing, shape = _triple(ap, a.spacing, "spacing"), _triple(ap, a.target_shape, "target-shape", int)
-    try:
-        net = load_feature_network(a.network, a.weights, device=a.device)
-        res = compute_fid(a.real, a.synth, net, None, a.center_slices_ratio, spacing, shape, not a.no_padding, not a.no_cropping,
-                          batch_size=a.batch_size, num_images=a.num_images, real_root=a.real_root,
-                          synth_root=a.synth_root, cache_dir=a.cache_dir, ignore_existing=a.ignore_existing)
-    except (ValueError, FileNotFoundError, ImportError) as e: ap.error(str(e))
+    _outputs_free([a.json], a.overwrite)
+    spacing, shape = _triple(a.spacing, "spacing"), _triple(a.target_shape, "target-shape", int)
+    for name in ("batch_size", "num_images"):
+        v = getattr(a, name)
+        if v is not None and v < 1: raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {v}")
+    if a.center_slices_ratio is not None and not 0 < a.center_slices_ratio <= 1:
+        raise ValueError(f"--center-slices-ratio: expected a number in (0, 1], got {a.center_slices_ratio}")
+    for side, root in (("real", a.real_root), ("synth", a.synth_root)): list_volumes(getattr(a, side), root, a.num_images)
+    net = load_feature_network(a.network, a.weights, device=default_device(a.device))
+    res = compute_fid(a.real, a.synth, net, None, a.center_slices_ratio, spacing, shape, not a.no_padding, not a.no_cropping,
+                      batch_size=a.batch_size, num_images=a.num_images, real_root=a.real_root,
+                      synth_root=a.synth_root, cache_dir=a.cache_dir, ignore_existing=a.ignore_existing)
     rec = [{"plane": k.upper(), "FID": v} for k, v in res["fid"].items()]
     print(text_table(rec)); print(f"network {res['settings']['network']['network']}, "
                                   f"{len(res['real']['files'])} real / {len(res['synth']['files'])} synthetic volumes")
     if a.json: save_json(res, a.json, overwrite=a.overwrite)
     return 0
+
