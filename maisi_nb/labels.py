@@ -7,12 +7,15 @@ from __future__ import annotations
 import difflib
 import numpy as np
 import torch
+from .networks import VARIANTS, check_variant
 
 # %% auto #0
 __all__ = ['LABELS', 'BODY_ID', 'BACKGROUND_ID', 'PLACEHOLDER_IDS', 'TUMOR_IDS', 'TUMOR_HOSTS', 'ALIASES', 'COMPACT_TO_MAISI',
-           'BODY_REGIONS', 'REGION_INDICATORS', 'CONTROLLABLE_ANATOMIES', 'MODALITIES', 'label_id', 'label_name',
+           'BODY_REGIONS', 'REGION_INDICATORS', 'CONTROLLABLE_ANATOMIES', 'MODALITIES', 'UNCONDITIONAL_MODALITY',
+           'MR_FIELDS_OF_VIEW', 'TUMOR_FREE_HOSTS', 'LUNG_LOBES', 'BRAIN_TUMOR_CODES', 'label_id', 'label_name',
            'label_group', 'compact_to_maisi', 'body_region_index', 'region_one_hot', 'regions_in_mask',
-           'region_indices_from_mask', 'labels_to_bits', 'bits_to_labels']
+           'region_indices_from_mask', 'modality_id', 'modality_name', 'is_mr', 'check_modality', 'labels_to_bits',
+           'bits_to_labels', 'tumor_free_mask']
 
 # %% ../nbs/00a_labels.ipynb #a8c4fb62
 _TABLE = """
@@ -194,7 +197,58 @@ def region_indices_from_mask(mask) -> tuple:
 CONTROLLABLE_ANATOMIES = ("gallbladder", "liver", "stomach", "pancreas", "colon", "lung tumor",
                           "pancreatic tumor", "hepatic tumor", "colon cancer primaries", "bone lesion")
 MODALITIES = {"unknown": 0, "ct": 1, "ct_wo_contrast": 2, "ct_contrast": 3, "mri": 8, "mri_t1": 9, "mri_t2": 10,
-              "mri_flair": 11, "mri_pd": 12, "mri_dwi": 13, "mri_adc": 14, "mri_ssfp": 15, "mri_mra": 16}
+              "mri_flair": 11, "mri_pd": 12, "mri_dwi": 13, "mri_adc": 14, "mri_ssfp": 15, "mri_mra": 16,
+              "mri_t1c": 17, "mri_swi": 20, "mri_t1_skull_stripped": 29, "mri_t2_skull_stripped": 30,
+              "mri_flair_skull_stripped": 31, "mri_swi_skull_stripped": 32, "mri_mra_skull_stripped": 33}
+
+# %% ../nbs/00a_labels.ipynb #c9a1e001
+UNCONDITIONAL_MODALITY = MODALITIES["unknown"]  # class label of classifier-free guidance's unconditional branch
+_CODE_TO_MODALITY = {v: k for k, v in MODALITIES.items()}
+
+def _modality_key(name) -> str: return "_".join(str(name).lower().replace("-", " ").replace("_", " ").split())
+
+def modality_id(modality, # a name ("mri_t1", "MRI T1", "ct") or an integer code 0..127
+                field:str="modality", # config key named in the error message
+               ) -> int:
+    "The class-label code of a modality name or code; unknown names fail with the closest names."
+    if isinstance(modality, str):
+        key = _modality_key(modality)
+        if key in MODALITIES: return MODALITIES[key]
+        near = difflib.get_close_matches(key, list(MODALITIES), n=3, cutoff=0.6)
+        hint = f" (did you mean {', '.join(repr(n) for n in near)}?)" if near else ""
+        raise ValueError(f"{field}: unknown modality {modality!r}{hint}; allowed: {', '.join(MODALITIES)} or a code 0..127")
+    if isinstance(modality, (bool, np.bool_)) or not isinstance(modality, (int, np.integer)) or not 0 <= modality <= 127:
+        raise ValueError(f"{field}: expected a modality name or an integer code 0..127, got {modality!r}")
+    return int(modality)
+
+def modality_name(code:int) -> str:
+    "The name of a modality code ('code 5' for codes without one)."
+    return _CODE_TO_MODALITY.get(int(code), f"code {int(code)}")
+
+def is_mr(modality) -> bool:
+    "True for MR codes (>= 8), False for CT (0-7), as NV-Generate decides it."
+    return modality_id(modality) >= 8
+
+# %% ../nbs/00a_labels.ipynb #c9a1e003
+def check_modality(modality, # name or code
+                   variant:str, # a released model (`maisi_nb.networks.VARIANTS`)
+                   field:str="modality") -> int:
+    "The code of `modality` if `variant` is documented for it, else a ValueError listing what it takes."
+    code, v = modality_id(modality, field), VARIANTS[check_variant(variant)]
+    if code not in v.modalities:
+        names = ", ".join(f"{modality_name(c)} ({c})" for c in v.modalities)
+        raise ValueError(f"{field}: {variant} is not trained for {modality_name(code)} ({code}); allowed: {names}")
+    return code
+
+MR_FIELDS_OF_VIEW = {  # median training field of view (mm, X × Y × Z) per model and image kind (NV-Generate docs)
+    "rflow-mr": {"brain t1": (160, 256, 256), "brain t2": (240, 240, 162.5), "brain flair": (199.9, 250, 250),
+                 "prostate t2": (170, 170, 90), "breast t1": (174, 200, 200), "abdomen t1": (380, 308.8, 288),
+                 "abdomen t2": (350, 350, 245.6)},
+    "rflow-mr-brain": {f"{c} {o}": fov for c, fovs in {
+        "t1": ((240, 240, 174), (176, 250, 250), (240, 200, 240)), "t2": ((240, 240, 158), (162, 240, 240), (200, 180, 200)),
+        "flair": ((250, 250, 175), (176, 250, 250), (250, 200, 250)), "swi": ((230, 230, 145), (140, 230, 230), (230, 155, 230)),
+        "mra": ((220, 220, 158), (158, 250, 250), (240, 179, 240))}.items()
+        for o, fov in zip(("axial", "sagittal", "coronal"), fovs)}}
 
 # %% ../nbs/00a_labels.ipynb #7b892b9a
 def labels_to_bits(labels, # (B,1,X,Y,Z) integer MAISI ids, each < 2**bits
@@ -218,3 +272,33 @@ def bits_to_labels(planes:torch.Tensor, # (B,bits,X,Y,Z) bit planes (values 0/1,
     b = (planes > 0.5).long()
     weights = (2 ** torch.arange(b.shape[1], device=b.device)).view(1, -1, *[1] * (b.ndim - 2))
     return (b * weights).sum(1, keepdim=True)
+
+# %% ../nbs/00a_labels.ipynb #c9a1e005
+TUMOR_FREE_HOSTS = {26: 1, 24: 4, 27: 62, 116: 14, 117: 5}  # tumour / cyst -> organ, relabelled everywhere
+LUNG_LOBES = (28, 29, 30, 31, 32)
+BRAIN_TUMOR_CODES = (401, 402, 403, 176)  # CT-MR label table's brain tumours -> brain (22)
+
+def _lung_host(vol:torch.Tensor, tumour:torch.Tensor) -> int:
+    "The lobe that replaces a lung tumour: the mode of the lobes in its shell, else the largest lobe."
+    from monai.transforms.utils_morphological_ops import dilate
+    lobes = torch.tensor(LUNG_LOBES, dtype=vol.dtype, device=vol.device)
+    shell = dilate(tumour[None, None].float(), 3, pad_value=1.0)[0, 0].bool() & ~tumour & torch.isin(vol, lobes)
+    if shell.any(): return int(torch.mode(vol[shell], 0)[0])
+    return LUNG_LOBES[int(torch.stack([(vol == l).sum() for l in lobes]).argmax())]
+
+def tumor_free_mask(mask, # MAISI label volume(s), (..., X, Y, Z), tensor or array
+                   ):
+    "A copy of `mask` with tumours relabelled as their organ (NV-Generate v2's unconditional ControlNet input)."
+    is_np = isinstance(mask, np.ndarray)
+    x = torch.as_tensor(mask)
+    if x.ndim < 3 or x.is_floating_point() and not torch.equal(x, x.round()):
+        raise ValueError(f"mask: expected whole-number label volume(s) (..., X, Y, Z), got shape {tuple(x.shape)}")
+    out = x.clone()
+    for old, new in TUMOR_FREE_HOSTS.items(): out[x == old] = new
+    vols = out.reshape(-1, *out.shape[-3:])
+    for v in vols:
+        t = v == 23
+        if t.any(): v[t] = _lung_host(v, t)
+    out = vols.reshape(out.shape)
+    for old in BRAIN_TUMOR_CODES: out[out == old] = 22
+    return out.numpy() if is_np else out
