@@ -37,6 +37,7 @@ LEAKS = {
     "machine path": r"(?<![\w.~/-])/(?:work|tmp|root)/",
     "timestamped log line": r"\b\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}|\b\d{2}:\d{2}:\d{2}[.,]\d{3}\b|\[\d{4}/\d{6}\.\d+",
     "notebook traceback": r"<ipython-input-|/ipykernel_\d+/",
+    "internal bug number": r"\b[Bb]ugs? \d+\b",
 }
 
 def leaks(text):
@@ -158,7 +159,8 @@ def test_no_leaks_in_pages_or_readme(site, pages):
 
 def test_leak_patterns_catch_what_they_should():
     for bad in ["see FACTS", "the fact sheet", "MAISI §3.4", "as the issue says", "this session", "the issue's budget",
-                "saved to /work/main/x", "in /tmp/abc", "2026-12-05 07:43:20 INFO", "<ipython-input-3-abc>"]:
+                "saved to /work/main/x", "in /tmp/abc", "2026-12-05 07:43:20 INFO", "<ipython-input-3-abc>",
+                "(bug 17)"]:
         assert leaks(bad), bad
     for ok in ["https://github.com/Project-MONAI/tutorials/tree/main/generation/maisi", "facts about CT", "issues a warning",
                "a 2026-12-05 release", "out_dir/tmp/"]:
