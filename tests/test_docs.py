@@ -9,7 +9,9 @@
   error, no failed request and no request off this machine, its maths is typeset, its images load, and each tutorial
   page shows a figure.
 
-Pages are found by listing the built site, never from a list in this file.
+Pages are found by listing the built site, never from a list in this file. The site is built once for the module
+(about a minute on two cores); DOCS_SITE=_proc/_docs checks a site built before, DOCS_SCREENSHOTS=<folder> keeps the
+screenshots of the home page and 04_inference.
 """
 import base64, html, json, os, re, select, shutil, subprocess, sys, time
 from html.parser import HTMLParser
