@@ -292,7 +292,7 @@ PAGE_STATE = """(() => {
     figures: imgs.filter(i => !i.closest('nav, header, footer, #quarto-sidebar') && i.naturalWidth > 0).length,
     broken_images: imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.getAttribute('src')),
     maths: document.querySelectorAll('span.math').length,
-    untypeset: [...document.querySelectorAll('span.math')].filter(s => !s.querySelector('.katex')).map(s => s.textContent).slice(0, 3),
+    untypeset: [...document.querySelectorAll('span.math')].filter(s => !s.querySelector('.katex') || s.querySelector('.katex-error')).map(s => s.textContent).slice(0, 3),
     sidebar: !!document.querySelector('#quarto-sidebar a'),
   };
 })()"""
@@ -308,7 +308,7 @@ def test_pages_in_chromium(site, pages, browser, tmp_path):
         s = browser.js(PAGE_STATE)
         if problems: bad.append(f"{page}: " + "; ".join(problems[:5]))
         if s["broken_images"]: bad.append(f"{page}: images that do not load: {s['broken_images'][:5]}")
-        if s["untypeset"]: bad.append(f"{page}: maths left as TeX: {s['untypeset']}")
+        if s["untypeset"]: bad.append(f"{page}: maths left as TeX or KaTeX errors: {s['untypeset']}")
         if not s["sidebar"]: bad.append(f"{page}: no sidebar")
         if "maisi_nb" not in s["title"] + s["text"]: bad.append(f"{page}: no site title")
         if is_tutorial(page) and s["figures"] < 1: bad.append(f"{page}: a tutorial page with no figure")
