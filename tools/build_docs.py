@@ -10,7 +10,11 @@ What this adds to nbdev + smalldocs, so the site works offline and its links sta
   then nbs/sidebar.yml is used as written); nothing in nbs/ is rewritten;
 - links nbdev writes to the published site (`https://<user>.github.io/<repo>/inference.html#x`) point to the built
   page (`04_inference.html#x`), found from each notebook's name, not from a list of pages;
-- KaTeX comes from tools/vendor/katex instead of a CDN.
+- KaTeX comes from tools/vendor/katex instead of a CDN, and a theme's web fonts fall back to system fonts: no page
+  loads anything from the network;
+- a cell that nbdev runs only because it imports something runs only its imports (see docs_renderer.py);
+- the home page's table of notebooks (the `<!-- notebooks -->` marker in index.ipynb) is made from each notebook's
+  title and summary, so a new notebook appears in it, in the sidebar and in README.md without editing a list.
 """
 import argparse, os, re, shutil, sys, time
 from pathlib import Path, PurePosixPath
@@ -58,7 +62,7 @@ def process_notebooks(cfg, proc, workers):
     import docs_renderer
     failed = {}
     with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
-        futs = {ex.submit(docs_renderer.proc_notebook, j): j[0].name for j in jobs}
+        futs = {ex.submit(docs_renderer.proc_notebook, j): j[0].relative_to(cfg.nbs_path).as_posix() for j in jobs}
         for f in cf.as_completed(futs):
             try: f.result()
             except Exception as e: failed[futs[f]] = f"{e}\n  caused by: {e.__cause__!r}"
