@@ -216,7 +216,7 @@ def modality_id(modality, # a name ("mri_t1", "MRI T1", "ct") or an integer code
         if key in MODALITIES: return MODALITIES[key]
         near = difflib.get_close_matches(key, list(MODALITIES), n=3, cutoff=0.6)
         hint = f" (did you mean {', '.join(repr(n) for n in near)}?)" if near else ""
-        raise ValueError(f"{field}: unknown modality {modality!r}{hint}; allowed: {', '.join(MODALITIES)} or a code 0..127")
+        raise ValueError(f"{field}: unknown name {modality!r}{hint}; allowed: {', '.join(MODALITIES)} or a code 0..127")
     if isinstance(modality, (bool, np.bool_)) or not isinstance(modality, (int, np.integer)) or not 0 <= modality <= 127:
         raise ValueError(f"{field}: expected a modality name or an integer code 0..127, got {modality!r}")
     return int(modality)

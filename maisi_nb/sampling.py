@@ -4,19 +4,20 @@
 
 # %% ../nbs/00h_sampling.ipynb #be4d89ea
 from __future__ import annotations
-import warnings
+import math, warnings
 from contextlib import nullcontext
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
 from .utils import progress, default_device, make_generator, randn
-from .labels import MODALITIES
-from .networks import build_networks
+from .labels import MODALITIES, UNCONDITIONAL_MODALITY, modality_id
+from .networks import VARIANTS, build_networks, check_variant
 
 # %% auto #0
 __all__ = ['make_scheduler', 'is_rflow', 'set_inference_timesteps', 'unwrap_model', 'model_conditioning', 'unet_forward',
-           'make_generators', 'batch_randn', 'ddpm_step', 'sample_latents']
+           'make_generators', 'batch_randn', 'ddpm_step', 'check_guidance_scale', 'cfg_combine', 'guided_forward',
+           'default_guidance_scale', 'sample_latents']
 
 # %% ../nbs/00h_sampling.ipynb #4e9807b8
 def make_scheduler(kind:str="rflow", # "ddpm" (first release) or "rflow" (rectified flow)
@@ -65,10 +66,7 @@ def _rows(value, n:int, batch_size:int, field:str, device=None) -> torch.Tensor:
 
 def _class_labels(modality, batch_size:int, num_class_embeds:int, device=None) -> torch.Tensor:
     "Modality ids (name, id, or per-sample ids) as a long (B,) tensor."
-    if isinstance(modality, str):
-        if modality.lower() not in MODALITIES:
-            raise ValueError(f"modality: unknown name {modality!r}; allowed: {', '.join(MODALITIES)}")
-        modality = MODALITIES[modality.lower()]
+    if isinstance(modality, str): modality = modality_id(modality)
     m = torch.as_tensor(modality, dtype=torch.long).reshape(-1)
     if m.numel() == 1: m = m.expand(batch_size)
     if m.shape != (batch_size,) or m.min() < 0 or m.max() >= num_class_embeds:
@@ -143,18 +141,76 @@ def ddpm_step(scheduler, model_output:torch.Tensor, timestep:int, sample:torch.T
     var = beta_t if scheduler.variance_type == "fixed_large" else ((1 - a_prev) / (1 - a_t) * beta_t).clamp(min=1e-20)
     return prev + var.sqrt() * noise
 
+# %% ../nbs/00h_sampling.ipynb #d5c3f001
+def check_guidance_scale(guidance_scale) -> float|None:
+    "`guidance_scale` as a float (None stays None); a ValueError unless it is a finite number >= 0."
+    if guidance_scale is None: return None
+    ok = isinstance(guidance_scale, (int, float, np.number)) and not isinstance(guidance_scale, (bool, np.bool_))
+    if not ok or not math.isfinite(guidance_scale) or guidance_scale < 0:
+        raise ValueError(f"guidance_scale: expected a number >= 0 (0 or None: off), got {guidance_scale!r}")
+    return float(guidance_scale)
+
+def cfg_combine(out_cond:torch.Tensor, out_uncond:torch.Tensor, guidance_scale:float) -> torch.Tensor:
+    "Classifier-free guidance: out_uncond + s (out_cond - out_uncond)."
+    return out_uncond + guidance_scale * (out_cond - out_uncond)
+
+def _cat(a:dict|None, b:dict|None) -> dict|None:
+    return None if a is None else {k: torch.cat([a[k], b[k]]) for k in a}
+
+def guided_forward(unet, x:torch.Tensor, timesteps:torch.Tensor, # (B,4,X,Y,Z) latent, (B,) timesteps
+                   unet_kwargs:dict, uncond_unet_kwargs:dict, # `model_conditioning` with the modality / the unconditional label
+                   guidance_scale:float,
+                   controlnet=None, controlnet_cond:torch.Tensor=None, controlnet_kwargs:dict=None,
+                   uncond_controlnet_cond:torch.Tensor=None, uncond_controlnet_kwargs:dict=None,
+                  ) -> torch.Tensor:
+    "Both CFG branches as one doubled batch (conditional first), combined with `cfg_combine` (float32)."
+    cc = None if controlnet is None else torch.cat([controlnet_cond, uncond_controlnet_cond])
+    out = unet_forward(unet, torch.cat([x, x]), torch.cat([timesteps, timesteps]), _cat(unet_kwargs, uncond_unet_kwargs),
+                       controlnet, cc, _cat(controlnet_kwargs, uncond_controlnet_kwargs)).float()
+    return cfg_combine(*out.chunk(2), guidance_scale)
+
+# %% ../nbs/00h_sampling.ipynb #d5c3f003
+def _guidance(scale, unet, controlnet, controlnet_cond, controlnet_cond_uncond, uncond:dict, b:int, device) -> dict|None:
+    "The unconditional branch's inputs, or None when guidance is off (None, 0, 1) or would change nothing."
+    if controlnet_cond_uncond is not None and controlnet is None:
+        raise ValueError("controlnet_cond_uncond: only used with a controlnet")
+    if scale in (None, 0.0, 1.0): return None
+    ukw = model_conditioning(unet, b, **uncond)
+    ckw = model_conditioning(controlnet, b, **uncond) if controlnet is not None else None
+    if controlnet is not None:
+        if controlnet_cond_uncond is None:
+            raise ValueError("controlnet_cond_uncond: guidance with a ControlNet needs the unconditional (tumour-free) mask's "
+                             "bit planes, e.g. labels_to_bits(tumor_free_mask(mask)); or pass guidance_scale=0")
+        controlnet_cond_uncond = controlnet_cond_uncond.to(device, controlnet_cond.dtype)
+        if controlnet_cond_uncond.shape != controlnet_cond.shape:
+            raise ValueError(f"controlnet_cond_uncond: shape {tuple(controlnet_cond_uncond.shape)} differs from "
+                             f"controlnet_cond's {tuple(controlnet_cond.shape)}")
+    labels = "class_labels" in ukw or (ckw is not None and "class_labels" in ckw)
+    if not labels and (controlnet is None or torch.equal(controlnet_cond, controlnet_cond_uncond)):
+        warnings.warn(f"guidance_scale={scale:g} has no effect here: the network has no class embedding and no "
+                      "unconditional mask differs from the mask; sampling without guidance", stacklevel=3)
+        return None
+    return {"scale": scale, "unet_kwargs": ukw, "controlnet_kwargs": ckw, "controlnet_cond": controlnet_cond_uncond}
+
+def default_guidance_scale(variant:str) -> float:
+    "The guidance scale a released model ships with (`maisi_nb.networks.VARIANTS`)."
+    return VARIANTS[check_variant(variant)].guidance_scale
+
 # %% ../nbs/00h_sampling.ipynb #8658dd4b
 def sample_latents(unet, scheduler,
                    latent_shape, # (B,4,X,Y,Z)
                    spacing=None, top_region_index=None, bottom_region_index=None, modality=1, # see `model_conditioning`
                    controlnet=None, controlnet_cond:torch.Tensor=None, # optional ControlNet and its (B,8,4X,4Y,4Z) mask
+                   guidance_scale:float=None, # classifier-free guidance; None, 0 or 1: conditional only (see below)
+                   unconditional_modality=UNCONDITIONAL_MODALITY, # class label of the unconditional branch
+                   controlnet_cond_uncond:torch.Tensor=None, # the unconditional branch's mask (tumour-free), with a ControlNet
                    num_inference_steps:int=None, # default 1000 (DDPM) or 30 (rectified flow)
                    seed:int=None, generator=None, # sample i uses `seed + i`, or the given generator(s)
                    latents:torch.Tensor=None, # start from these instead of fresh noise
                    device=None, dtype=None, # autocast dtype; default float16 on CUDA, none on CPU
                    callback=None, # called as callback(i, t, latents) after every step
                    progress_bar:bool=True) -> torch.Tensor:
-    "Denoise Gaussian noise into latents with DDPM or rectified flow (optionally ControlNet-guided)."
+    "Denoise Gaussian noise into latents with DDPM or rectified flow (optionally ControlNet-guided and with CFG)."
     c = getattr(unwrap_model(unet), "in_channels", None)
     if len(latent_shape) != 5 or (c is not None and latent_shape[1] != c):
         raise ValueError(f"latent_shape: expected (B, {c}, X, Y, Z), got {tuple(latent_shape)}")
@@ -167,6 +223,8 @@ def sample_latents(unet, scheduler,
     ukw = model_conditioning(unet, b, **cond)
     ckw = model_conditioning(controlnet, b, **cond) if controlnet is not None else None
     if controlnet is not None: controlnet_cond = controlnet_cond.to(device)
+    guide = _guidance(check_guidance_scale(guidance_scale), unet, controlnet, controlnet_cond, controlnet_cond_uncond,
+                      dict(cond, modality=unconditional_modality), b, device)
     ts, nxt = set_inference_timesteps(scheduler, n, latent_shape[2:])
     x = (latents.to(device, torch.float32) if latents is not None else batch_randn(latent_shape, gens, device))
     dtype = dtype or (torch.float16 if device.type == "cuda" else None)
@@ -176,7 +234,9 @@ def sample_latents(unet, scheduler,
     with torch.inference_mode(), amp:
         for i, (t, t_next) in enumerate(progress(list(zip(ts, nxt)), desc="sampling", disable=None if progress_bar else True)):
             tt = torch.full((b,), float(t), device=device)
-            out = unet_forward(unet, x, tt, ukw, controlnet, controlnet_cond, ckw).float()
+            if guide: out = guided_forward(unet, x, tt, ukw, guide["unet_kwargs"], guide["scale"], controlnet,
+                                           controlnet_cond, ckw, guide["controlnet_cond"], guide["controlnet_kwargs"])
+            else: out = unet_forward(unet, x, tt, ukw, controlnet, controlnet_cond, ckw).float()
             if rf: x = scheduler.step(out, t, x, t_next)[0]
             else: x = ddpm_step(scheduler, out, int(t), x, batch_randn(x.shape, gens, device) if t > 0 else None)
             if callback is not None: callback(i, t, x)
