@@ -1,0 +1,298 @@
+"""NV-Generate v2 compatibility: MR models, classifier-free guidance (CFG), released layouts and config files.
+
+The CFG tests compare `sample_latents` with reference loops written here from NV-Generate's description of
+`diff_model_infer.run_inference` (image only) and `utils_infer.run_controlnet_conditioned_image_dm` (image from a
+mask): one forward of a doubled batch (conditional half first), class labels [modality, 0], a tumour-free mask for
+the ControlNet's unconditional half, out = out_uncond + s (out_cond - out_uncond) handed to the scheduler step.
+Tiny networks get small random weights everywhere (an untrained UNet predicts exactly zero).
+
+NVIDIA's v2 JSON files and the network listings are read from the shared reference folder beside the checkout
+when it exists (read only, never copied); those tests skip otherwise.
+"""
+import json, re, warnings
+from pathlib import Path
+import numpy as np
+import pytest
+import torch
+from maisi_nb.labels import MODALITIES, check_modality, labels_to_bits, tumor_free_mask
+from maisi_nb.networks import (MR_VARIANTS, PRESETS, VARIANTS, build_networks, check_mr_grid, find_checkpoints,
+                               load_network_config, load_pretrained, network_version, save_checkpoint)
+from maisi_nb.sampling import (check_guidance_scale, ddpm_step, make_generators, batch_randn, make_scheduler,
+                               sample_latents)
+from maisi_nb.utils import make_generator, randn, torch_save
+
+REF = Path(__file__).resolve().parents[2] / "shared" / "reference"
+V2, KEYS = REF / "upstream_data" / "v2", REF / "state_dict_keys"
+torch.set_num_threads(1)
+
+
+def jitter(module, seed=0, std=0.05):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters(): p.add_(torch.randn(p.shape, generator=g) * std)
+    return module
+
+
+@pytest.fixture(scope="module")
+def rflow_nets():
+    nets = build_networks("tiny", "cpu", which=("diffusion_unet", "controlnet"), seed=0, variant="rflow-ct")
+    jitter(nets.diffusion_unet, 1); jitter(nets.controlnet, 2)
+    return nets
+
+
+@pytest.fixture(scope="module")
+def ddpm_nets():
+    nets = build_networks("tiny-ddpm", "cpu", which=("diffusion_unet", "controlnet"), seed=0, variant="ddpm-ct")
+    jitter(nets.diffusion_unet, 3); jitter(nets.controlnet, 4)
+    return nets
+
+
+def _mask():
+    "A (1,1,32,32,32) label volume: two lung lobes, a lung tumour, liver with a hepatic tumour, body."
+    m = torch.full((1, 1, 32, 32, 32), 200, dtype=torch.long)
+    m[..., :16, 8:24, 8:24], m[..., 16:, 8:24, 8:24] = 29, 30
+    m[..., 18:22, 12:16, 12:16] = 23
+    m[..., 4:12, 26:31, 4:28], m[..., 6:9, 27:30, 10:14] = 1, 26
+    return m
+
+
+def _rflow_reference(unet, x, s, m, spacing, n, controlnet=None, cond=None, cond_free=None):
+    "Reference image-only / paired CFG loop (rectified flow), written from the description, not from our code."
+    sch = make_scheduler("rflow")
+    sch.set_timesteps(n, input_img_size_numel=int(np.prod(x.shape[2:])))
+    ts = sch.timesteps; nxt = torch.cat([ts[1:], torch.zeros(1, dtype=ts.dtype)])
+    sp = torch.tensor([spacing], dtype=torch.float32) * 100
+    with torch.no_grad():
+        for t, tn in zip(ts, nxt):
+            xi, tt, lab = torch.cat([x, x]), torch.Tensor((float(t), float(t))), torch.tensor([m, 0])
+            extra = {}
+            if controlnet is not None:
+                down, mid = controlnet(x=xi, timesteps=tt, controlnet_cond=torch.cat([cond, cond_free]), class_labels=lab)
+                extra = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+            out = unet(x=xi, timesteps=tt, spacing_tensor=torch.cat([sp, sp]), class_labels=lab, **extra)
+            c, u = out.chunk(2)
+            x, _ = sch.step(u + s * (c - u), t, x, tn)
+    return x
+
+
+@pytest.mark.parametrize("s", [0.5, 2.0, 7.0])
+def test_image_only_cfg_matches_reference(rflow_nets, s):
+    x0 = randn((1, 4, 8, 8, 8), make_generator(11))
+    ref = _rflow_reference(rflow_nets.diffusion_unet, x0.clone(), s, MODALITIES["mri_t2"], [1.2, 1.0, 1.0], 5)
+    ours = sample_latents(rflow_nets.diffusion_unet, make_scheduler("rflow"), (1, 4, 8, 8, 8), spacing=[1.2, 1.0, 1.0],
+                          modality="mri_t2", guidance_scale=s, latents=x0, num_inference_steps=5, device="cpu",
+                          progress_bar=False)
+    assert (ours - ref).abs().max() <= 1e-5
+    plain = sample_latents(rflow_nets.diffusion_unet, make_scheduler("rflow"), (1, 4, 8, 8, 8), spacing=[1.2, 1.0, 1.0],
+                           modality="mri_t2", latents=x0, num_inference_steps=5, device="cpu", progress_bar=False)
+    assert (ours - plain).abs().max() > 1e-3  # guidance changed something
+
+
+def test_paired_cfg_matches_reference(rflow_nets):
+    mask = _mask(); free = tumor_free_mask(mask)
+    cond, cond_free = labels_to_bits(mask), labels_to_bits(free)
+    x0 = randn((1, 4, 8, 8, 8), make_generator(5))
+    ref = _rflow_reference(rflow_nets.diffusion_unet, x0.clone(), 3.0, 1, [1.5, 1.5, 2.0], 4,
+                           rflow_nets.controlnet, cond, cond_free)
+    ours = sample_latents(rflow_nets.diffusion_unet, make_scheduler("rflow"), (1, 4, 8, 8, 8), spacing=[1.5, 1.5, 2.0],
+                          modality=1, controlnet=rflow_nets.controlnet, controlnet_cond=cond, guidance_scale=3.0,
+                          controlnet_cond_uncond=cond_free, latents=x0, num_inference_steps=4, device="cpu",
+                          progress_bar=False)
+    assert (ours - ref).abs().max() <= 1e-5
+
+
+def test_paired_cfg_ddpm_matches_reference(ddpm_nets):
+    "ddpm-ct: no class embedding, so only the mask differs between the halves; the posterior noise is the same draws."
+    unet, cn = ddpm_nets.diffusion_unet, ddpm_nets.controlnet
+    mask = _mask(); cond, cond_free = labels_to_bits(mask), labels_to_bits(tumor_free_mask(mask))
+    reg = dict(top_region_index=[0, 1, 0, 0], bottom_region_index=[0, 0, 1, 0])
+    x0, s, n = randn((1, 4, 8, 8, 8), make_generator(7)), 2.5, 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fewer DDPM steps than trained
+        ours = sample_latents(unet, make_scheduler("ddpm"), (1, 4, 8, 8, 8), spacing=[1, 1, 1], controlnet=cn,
+                              controlnet_cond=cond, controlnet_cond_uncond=cond_free, guidance_scale=s, latents=x0,
+                              num_inference_steps=n, seed=9, device="cpu", progress_bar=False, **reg)
+        sch = make_scheduler("ddpm"); sch.set_timesteps(n)
+    gens, x = make_generators(1, 9), x0.clone()
+    kw = {k: torch.tensor([v, v], dtype=torch.float32) * 100 for k, v in
+          [("spacing_tensor", [1, 1, 1]), ("top_region_index_tensor", reg["top_region_index"]),
+           ("bottom_region_index_tensor", reg["bottom_region_index"])]}
+    with torch.no_grad():
+        for t in sch.timesteps:
+            xi, tt = torch.cat([x, x]), torch.Tensor((float(t),) * 2)
+            down, mid = cn(x=xi, timesteps=tt, controlnet_cond=torch.cat([cond, cond_free]))
+            c, u = unet(x=xi, timesteps=tt, down_block_additional_residuals=down, mid_block_additional_residual=mid, **kw).chunk(2)
+            x = ddpm_step(sch, u + s * (c - u), int(t), x, batch_randn(x.shape, gens) if t > 0 else None)
+    assert (ours - x).abs().max() <= 1e-5
+
+
+def test_class_labels_reach_the_embeddings(rflow_nets):
+    "Codes reach the UNet's and ControlNet's class embedding; the unconditional half gets label 0 (or the one asked for)."
+    seen = {"unet": [], "controlnet": []}
+    hooks = [getattr(rflow_nets, r).class_embedding.register_forward_hook(
+             lambda m, i, o, r=k: seen[r].append(i[0].tolist())) for k, r in (("unet", "diffusion_unet"), ("controlnet", "controlnet"))]
+    cond = labels_to_bits(_mask()); free = labels_to_bits(tumor_free_mask(_mask()))
+    kw = dict(spacing=[1, 1, 1], num_inference_steps=2, seed=0, device="cpu", progress_bar=False)
+    try:
+        sample_latents(rflow_nets.diffusion_unet, make_scheduler("rflow"), (2, 4, 8, 8, 8), modality="mri_flair",
+                       guidance_scale=4, **kw)
+        assert seen["unet"] == [[11, 11, 0, 0]] * 2 and seen["controlnet"] == []
+        seen["unet"].clear()
+        sample_latents(rflow_nets.diffusion_unet, make_scheduler("rflow"), (1, 4, 8, 8, 8), modality=31,
+                       guidance_scale=4, unconditional_modality="mri", **kw)
+        assert seen["unet"] == [[31, 8]] * 2
+        seen["unet"].clear()
+        sample_latents(rflow_nets.diffusion_unet, make_scheduler("rflow"), (1, 4, 8, 8, 8), modality="ct",
+                       controlnet=rflow_nets.controlnet, controlnet_cond=cond, controlnet_cond_uncond=free,
+                       guidance_scale=2, **kw)
+        assert seen["unet"] == [[1, 0]] * 2 and seen["controlnet"] == [[1, 0]] * 2
+        seen["unet"].clear(); seen["controlnet"].clear()
+        sample_latents(rflow_nets.diffusion_unet, make_scheduler("rflow"), (1, 4, 8, 8, 8), modality="ct",
+                       controlnet=rflow_nets.controlnet, controlnet_cond=cond, guidance_scale=0, **kw)
+        assert seen["unet"] == [[1]] * 2 and seen["controlnet"] == [[1]] * 2  # 0 = off: one pass
+    finally:
+        for h in hooks: h.remove()
+
+
+def test_cfg_errors(rflow_nets, ddpm_nets):
+    cond = labels_to_bits(_mask())
+    kw = dict(spacing=[1, 1, 1], num_inference_steps=2, seed=0, device="cpu", progress_bar=False)
+    with pytest.raises(ValueError, match="controlnet_cond_uncond: guidance with a ControlNet needs"):
+        sample_latents(rflow_nets.diffusion_unet, make_scheduler("rflow"), (1, 4, 8, 8, 8), controlnet=rflow_nets.controlnet,
+                       controlnet_cond=cond, guidance_scale=2, **kw)
+    with pytest.raises(ValueError, match="controlnet_cond_uncond: shape"):
+        sample_latents(rflow_nets.diffusion_unet, make_scheduler("rflow"), (1, 4, 8, 8, 8), controlnet=rflow_nets.controlnet,
+                       controlnet_cond=cond, controlnet_cond_uncond=cond[..., :16], guidance_scale=2, **kw)
+    with pytest.raises(ValueError, match="only used with a controlnet"):
+        sample_latents(rflow_nets.diffusion_unet, make_scheduler("rflow"), (1, 4, 8, 8, 8), controlnet_cond_uncond=cond,
+                       guidance_scale=2, **kw)
+    with pytest.raises(ValueError, match="guidance_scale: expected a number >= 0"):
+        sample_latents(rflow_nets.diffusion_unet, make_scheduler("rflow"), (1, 4, 8, 8, 8), guidance_scale=-2, **kw)
+    with pytest.raises(ValueError, match="did you mean 'mri_t1'"):
+        sample_latents(rflow_nets.diffusion_unet, make_scheduler("rflow"), (1, 4, 8, 8, 8), modality="mri t1w", guidance_scale=2, **kw)
+    with pytest.warns(UserWarning, match="has no effect here"):  # DDPM UNet, no ControlNet: both halves would be equal
+        sample_latents(ddpm_nets.diffusion_unet, make_scheduler("ddpm"), (1, 4, 8, 8, 8), top_region_index=[1, 0, 0, 0],
+                       bottom_region_index=[0, 1, 0, 0], guidance_scale=5, **kw)
+
+
+def test_default_behaviour_unchanged(rflow_nets):
+    "None, 0 and 1 give the unguided latent; the same seed gives the same guided latent."
+    kw = dict(spacing=[1, 1, 1], modality=9, num_inference_steps=3, seed=4, device="cpu", progress_bar=False)
+    sch, u = make_scheduler("rflow"), rflow_nets.diffusion_unet
+    base = sample_latents(u, sch, (1, 4, 8, 8, 8), **kw)
+    assert torch.equal(sample_latents(u, sch, (1, 4, 8, 8, 8), guidance_scale=None, **kw), base)
+    assert torch.equal(sample_latents(u, sch, (1, 4, 8, 8, 8), guidance_scale=0, **kw), base)
+    assert (sample_latents(u, sch, (1, 4, 8, 8, 8), guidance_scale=1, **kw) - base).abs().max() <= 1e-6
+    a, b = (sample_latents(u, sch, (1, 4, 8, 8, 8), guidance_scale=15, **kw) for _ in range(2))
+    assert torch.equal(a, b)
+
+
+def test_tumor_free_mask_as_upstream():
+    m = _mask()
+    free = tumor_free_mask(m)
+    assert set(free.unique().tolist()) == {1, 29, 30, 200}
+    assert (free[..., 18:22, 12:16, 12:16] == 30).all()  # lung tumour -> the lobe around it
+    m[..., 0, 0, 0] = 128
+    assert tumor_free_mask(m)[..., 0, 0, 0].item() == 128  # bone lesions are left, as upstream does
+
+
+# ---- released models: presets, listings, checkpoint folders, config files
+
+def _listing(name):
+    lines = [l.split("\t") for l in (KEYS / name).read_text().splitlines() if l and not l.startswith("#")]
+    return {k: tuple(int(s) for s in re.findall(r"\d+", shp)) for k, shp in lines}
+
+
+@pytest.mark.skipif(not KEYS.exists(), reason="state-dict listings not available")
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variant_networks_match_released_listings(variant):
+    "Every v2 model's networks have the released names and shapes (what a strict load of the real files needs)."
+    v = VARIANTS[variant].version
+    nets = build_networks(variant, "meta", which=("autoencoder", "diffusion_unet", "controlnet"))
+    assert nets.variant == variant
+    for role, f in (("autoencoder", "autoencoder.txt"), ("diffusion_unet", f"{v}_diffusion_unet.txt"),
+                    ("controlnet", f"{v}_controlnet.txt")):
+        got = {k: tuple(t.shape) for k, t in nets[role].state_dict().items()}
+        assert list(got.items()) == list(_listing(f).items()), (variant, role)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_released_folder_layout_loads_per_variant(tmp_path, variant):
+    "A folder with the variant's released names and layouts (tiny weights) loads strictly and is recognised."
+    spec = VARIANTS[variant]
+    preset = "tiny" if spec.version == "rflow" else "tiny-ddpm"
+    src = build_networks(preset, "cpu", which=("autoencoder", "diffusion_unet"), seed=1)
+    d = tmp_path / "models"; d.mkdir()
+    ae = src.autoencoder.state_dict()
+    torch_save({"unet_state_dict": ae} if variant == "rflow-mr-brain" else ae, d / spec.files["autoencoder"][0])
+    save_checkpoint(src.diffusion_unet, d / spec.files["diffusion_unet"][0], "diffusion_unet", 0.96240234375,
+                    epoch=10, loss=0.1, num_train_timesteps=1000)
+    nets = load_pretrained(tmp_path, config=preset, device="cpu")
+    assert nets.variant == variant and nets.version == spec.version
+    assert float(nets.scale_factor) == 0.96240234375
+    for role in ("autoencoder", "diffusion_unet"):
+        for k, t in src[role].state_dict().items(): assert torch.equal(nets[role].state_dict()[k], t), (role, k)
+    assert find_checkpoints(tmp_path, variant=variant)[1]["diffusion_unet"].name == spec.files["diffusion_unet"][0]
+
+
+def test_mismatch_message_for_mr_folder(tmp_path):
+    "A DDPM UNet saved under the MR name fails strictly with the existing clear message."
+    src = build_networks("tiny-ddpm", "cpu", which=("diffusion_unet",), seed=0)
+    save_checkpoint(src.diffusion_unet, tmp_path / "diff_unet_3d_rflow-mr.pt", "diffusion_unet")
+    with pytest.raises(ValueError, match="looks like a DDPM diffusion UNet of preset tiny-ddpm; use preset tiny-ddpm"):
+        load_pretrained(tmp_path, config="tiny", device="cpu")
+
+
+@pytest.mark.skipif(not V2.exists(), reason="NV-Generate v2 files not available")
+def test_v2_network_files_load_unchanged():
+    for net, names in (("rflow", ("rflow-ct", "rflow-mr", "rflow-mr-brain")), ("ddpm", ("ddpm-ct",))):
+        f = V2 / f"config_network_{net}.json"
+        assert network_version(f) == net
+        for n in names: assert load_network_config(f) == load_network_config(n)
+        up = build_networks(f, "meta", which=("diffusion_unet", "controlnet", "noise_scheduler"))
+        ours = build_networks(names[0], "meta", which=("diffusion_unet", "controlnet"))
+        for r in ("diffusion_unet", "controlnet"):
+            assert {k: t.shape for k, t in up[r].state_dict().items()} == {k: t.shape for k, t in ours[r].state_dict().items()}
+
+
+@pytest.mark.skipif(not V2.exists(), reason="NV-Generate v2 files not available")
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_v2_image_only_configs_validate(variant):
+    "The shipped image-only settings pass our checks unchanged: modality, guidance scale, and (MR) the output grid."
+    inf = json.loads((V2 / f"config_maisi_diff_model_{variant}.json").read_text())["diffusion_unet_inference"]
+    assert check_modality(inf["modality"], variant) == inf["modality"]
+    assert check_guidance_scale(inf["cfg_guidance_scale"]) == VARIANTS[variant].guidance_scale
+    if variant in MR_VARIANTS: check_mr_grid(inf["dim"], inf["spacing"], variant)
+    env = json.loads((V2 / f"environment_maisi_diff_model_{variant}.json").read_text())
+    assert env["model_filename"] in VARIANTS[variant].files["diffusion_unet"]
+
+
+@pytest.mark.skipif(not V2.exists(), reason="NV-Generate v2 files not available")
+def test_v2_modality_table():
+    assert json.loads((V2 / "modality_mapping.json").read_text()) == MODALITIES
+    infer = [json.loads(f.read_text()) for f in sorted(V2.glob("config_infer*.json"))]
+    assert len(infer) == 10
+    for c in infer:  # the paired path's settings: CT, tumour guidance off
+        assert check_modality(c["modality"], "rflow-ct") == 1 and check_guidance_scale(c["cfg_guidance_scale"]) == 0.0
+    ctrl = json.loads((V2 / "config_maisi_controlnet_train_rflow-mr.json").read_text())["controlnet_infer"]
+    assert check_modality(ctrl["modality"], "rflow-mr") == 9
+
+
+def test_full_size_mr_folders_load_strictly(tmp_path):
+    "Full-size random weights under NVIDIA's MR names and layouts (about 800 MB, ~15 s) load strictly, weights_only."
+    mr = tmp_path / "mr" / "models"; mr.mkdir(parents=True)
+    brain = tmp_path / "brain" / "models"; brain.mkdir(parents=True)
+    src = build_networks("rflow-mr", "cpu", which=("autoencoder", "diffusion_unet"), seed=0)
+    save_checkpoint(src.autoencoder, mr / "autoencoder_v2.pt", "autoencoder")
+    save_checkpoint(src.diffusion_unet, mr / "diff_unet_3d_rflow-mr.pt", "diffusion_unet", 0.96240234375)
+    torch_save({"unet_state_dict": src.autoencoder.state_dict()}, brain / "autoencoder_v1.pt")  # v2 also reads this layout
+    (brain / "diff_unet_3d_rflow-mr-brain_v1.pt").hardlink_to(mr / "diff_unet_3d_rflow-mr.pt")
+    probe = {k: v.clone() for k, v in list(src.diffusion_unet.state_dict().items())[:3]} | \
+            {"class_embedding.weight": src.diffusion_unet.class_embedding.weight.detach().clone()}
+    del src
+    for folder, variant in ((mr.parent, "rflow-mr"), (brain.parent, "rflow-mr-brain")):
+        nets = load_pretrained(folder, device="cpu")
+        assert (nets.variant, nets.preset, float(nets.scale_factor)) == (variant, variant, 0.96240234375)
+        sd = nets.diffusion_unet.state_dict()
+        for k, v in probe.items(): assert torch.equal(sd[k], v), k
+        del nets
