@@ -243,8 +243,9 @@ class Chromium:
     def open(self, url):
         "Load `url`; return the problems the page reported while loading (console errors, exceptions, failed or remote requests)."
         self.events = []
-        self.send("Page.navigate", session=True, url=url)
-        self.wait_for("Page.loadEventFired")
+        nav = self.send("Page.navigate", session=True, url=url)
+        if nav.get("errorText"): return [f"navigation: {nav['errorText']}"]
+        if nav.get("loaderId"): self.wait_for("Page.loadEventFired")  # none for a move within the same page (#anchor)
         self.send("Runtime.evaluate", session=True, expression="new Promise(r => setTimeout(r, 200))", awaitPromise=True)
         problems = []
         for m in self.events:

@@ -67,7 +67,7 @@ def install():
 
     class DocsRenderer(base):
         "nbdev's markdown renderer with docments as a markdown table, Python's own docstrings dropped, properties marked."
-        def __init__(self, sym, name=None, title_level=3, maxline=72):  # 72: fits the page column unwrapped
+        def __init__(self, sym, name=None, title_level=3, maxline=60):  # 60: with the indent, fits the page column unwrapped
             self.is_property = isinstance(sym, (property, functools.cached_property))
             super().__init__(sym, name=name, title_level=title_level, maxline=maxline)
             self.docs = own_docstring(_unwrap_sym(sym), self.docs)
