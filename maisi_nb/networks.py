@@ -15,16 +15,18 @@ from monai.inferers import SlidingWindowInferer
 from monai.apps.generation.maisi.networks.autoencoderkl_maisi import (
     MaisiConvolution, MaisiDownsample, MaisiGroupNorm3D, MaisiResBlock, MaisiUpsample)
 from .utils import default_device, in_test, save_json, torch_save
+from .config import NONE, TEXT, Field, load_config, number, vector
 
 # %% auto #0
 __all__ = ['MAISI_DDPM', 'MAISI_RFLOW', 'TINY_DDPM', 'TINY', 'PRESETS', 'VARIANTS', 'MR_VARIANTS', 'MR_GRIDS', 'MR_SPACING',
-           'VARIANT_GRIDS', 'NETWORK_ROLES', 'SCHEDULER_ROLES', 'COMPONENTS', 'CHECKPOINT_LAYOUTS', 'RELEASED_FILES',
-           'SAVE_NAMES', 'load_network_config', 'network_version', 'ModelVariant', 'check_variant', 'check_mr_grid',
-           'runtime_config', 'MaisiNetworks', 'count_parameters', 'build_networks', 'parameter_table',
-           'identify_state_dict', 'convert_old_state_dict', 'read_checkpoint', 'load_checkpoint', 'save_checkpoint',
-           'find_checkpoints', 'load_pretrained', 'load_into', 'save_pretrained', 'split_layers', 'valid_num_splits',
-           'check_num_splits', 'autoencoder_settings', 'current_splits', 'decode_latents', 'to_hu',
-           'estimate_decode_memory', 'DecodePlan', 'plan_decode']
+           'VARIANT_GRIDS', 'MODEL_CONFIG_DEFAULTS', 'MODEL_CONFIG_RULES', 'NETWORK_ROLES', 'SCHEDULER_ROLES',
+           'COMPONENTS', 'CHECKPOINT_LAYOUTS', 'RELEASED_FILES', 'SAVE_NAMES', 'MR_DISPLAY_RANGE',
+           'load_network_config', 'network_version', 'ModelVariant', 'check_variant', 'check_mr_grid',
+           'load_model_config', 'runtime_config', 'MaisiNetworks', 'count_parameters', 'build_networks',
+           'parameter_table', 'identify_state_dict', 'convert_old_state_dict', 'read_checkpoint', 'load_checkpoint',
+           'save_checkpoint', 'find_checkpoints', 'load_pretrained', 'load_into', 'save_pretrained', 'split_layers',
+           'valid_num_splits', 'check_num_splits', 'autoencoder_settings', 'current_splits', 'decode_latents', 'to_hu',
+           'to_mr', 'to_intensity', 'estimate_decode_memory', 'DecodePlan', 'plan_decode']
 
 # %% ../nbs/00_networks.ipynb #a8dd5d5a
 _NETS = "monai.apps.generation.maisi.networks."
@@ -189,6 +191,50 @@ def check_mr_grid(output_size, # [X, Y, Z] voxels
     if not all(lo <= s <= hi for s in spacing):
         raise ValueError(f"spacing: {list(spacing)} mm; {variant} allows {lo}–{hi} mm on every axis")
     return [x, y, z], [float(s) for s in spacing]
+
+# %% ../nbs/00_networks.ipynb #b7e2c008
+_PATH = TEXT | NONE
+def _one_hot(n:int) -> Field:
+    return Field(lambda v: isinstance(v, (list, tuple)) and len(v) == n and all(x in (0, 1) and not isinstance(x, bool) for x in v)
+                 and sum(v) == 1, f"a one-hot list of {n} zeros and ones")
+_MODALITY = number(0, 127, integer=True) | Field(lambda v: isinstance(v, str) and v != "", "a modality name")
+MODEL_CONFIG_DEFAULTS = {
+    "environment": dict.fromkeys(("data_base_dir", "embedding_base_dir", "json_data_list", "model_dir", "model_filename",
+        "output_dir", "output_prefix", "trained_autoencoder_path", "existing_ckpt_filepath", "modality_mapping_path")),
+    "diffusion_unet_train": {"batch_size": 1, "cache_rate": 0, "lr": 1e-5, "n_epochs": 1000},
+    "diffusion_unet_inference": {"dim": None, "spacing": None, "top_region_index": [0, 1, 0, 0],
+        "bottom_region_index": [0, 0, 1, 0], "random_seed": None, "num_inference_steps": None, "modality": None,
+        "cfg_guidance_scale": None}}
+MODEL_CONFIG_RULES = dict.fromkeys(MODEL_CONFIG_DEFAULTS["environment"], _PATH) | {
+    "batch_size": number(1, integer=True), "cache_rate": number(0, 1), "lr": number(0, lo_open=True),
+    "n_epochs": number(1, integer=True), "dim": vector(3, 1, integer=True) | NONE,
+    "spacing": vector(3, 0, lo_open=True) | NONE, "top_region_index": _one_hot(4), "bottom_region_index": _one_hot(4),
+    "random_seed": number(0, integer=True) | NONE, "num_inference_steps": number(1, 1000, integer=True) | NONE,
+    "modality": _MODALITY | NONE, "cfg_guidance_scale": number(0) | NONE}
+
+def _variant_of_file(name) -> str|None:
+    return next((v for v, s in VARIANTS.items() if name and Path(str(name)).name in s.files["diffusion_unet"]), None)
+
+def load_model_config(model_config=None, # config_maisi_diff_model_<model>.json (path or dict), sections as above
+                      environment=None, # environment_maisi_diff_model_<model>.json (path or dict)
+                      variant:str|None=None, # released model; None: from the environment's `model_filename`
+                      overrides=(), # 'key=value' / 'section.key=value'
+                     ) -> dict:
+    "NVIDIA's image-only environment + model config, checked, with `variant` and the model's defaults filled in."
+    cfg = load_config(MODEL_CONFIG_DEFAULTS, MODEL_CONFIG_RULES, [(environment, "environment", "environment"),
+                      (model_config, "model config", None)], overrides)
+    found = _variant_of_file(cfg["environment"]["model_filename"])
+    if variant is None: variant = found
+    elif found not in (None, check_variant(variant)):
+        raise ValueError(f"variant: {variant!r}, but model_filename {cfg['environment']['model_filename']!r} is {found}'s checkpoint")
+    inf = cfg["diffusion_unet_inference"]
+    if variant is not None:
+        v = VARIANTS[variant]
+        for k, d in (("dim", list(v.output_size)), ("spacing", list(v.spacing)), ("random_seed", v.seed), ("modality", v.modality),
+                     ("num_inference_steps", v.num_inference_steps), ("cfg_guidance_scale", v.guidance_scale)):
+            if inf[k] is None: inf[k] = d
+        if variant in VARIANT_GRIDS: inf["dim"], inf["spacing"] = check_mr_grid(inf["dim"], inf["spacing"], variant)
+    return {"variant": variant, **cfg}
 
 # %% ../nbs/00_networks.ipynb #cf74921e
 NETWORK_ROLES = ("autoencoder", "diffusion_unet", "controlnet", "mask_generation_autoencoder",
@@ -735,6 +781,22 @@ def to_hu(x:torch.Tensor, # decoder output
     except RuntimeError: shape = None
     if shape != hu.shape: raise ValueError(f"label: shape {tuple(label.shape)} does not broadcast to the image {tuple(hu.shape)}")
     return torch.where(label == 0, torch.full_like(hu, -1000.0), hu)
+
+# %% ../nbs/00_networks.ipynb #b7e2c011
+MR_DISPLAY_RANGE = (0.0, 1000.0)  # display only: MR values above 1000 exist and are kept
+
+def to_mr(x:torch.Tensor, # decoder output
+          label:torch.Tensor|None=None, # label volume broadcastable to x; 0 = background
+         ) -> torch.Tensor:
+    "NV-Generate's relative MR units: 1000 x, negatives set to 0, no upper clip; voxels of label 0 set to 0."
+    mr = (x * 1000).clamp(min=0)
+    if label is None: return mr
+    return torch.where(torch.as_tensor(label, device=mr.device).expand_as(mr) == 0, torch.zeros_like(mr), mr)
+
+def to_intensity(x:torch.Tensor, image:str="ct", label=None) -> torch.Tensor:
+    "The decoder output in the image's units: HU for 'ct' (`to_hu`), relative MR units for 'mr' (`to_mr`)."
+    if image not in ("ct", "mr"): raise ValueError(f"image: expected 'ct' or 'mr', got {image!r}")
+    return to_hu(x, label) if image == "ct" else to_mr(x, label)
 
 # %% ../nbs/00_networks.ipynb #e34b51cd
 # tensors of C_max x V_out alive at the peak, measured with benchmarks/decode_memory.py (CPU: fp32, 32^3 latents;
