@@ -742,14 +742,15 @@ class NonFiniteOutputError(ValueError):
 def _organ_ids() -> set: return {i for ids in ORGAN_GROUPS.values() for i in ids}
 
 def _warn_no_anatomy(ms:dict, c:dict) -> None:
-    "Warn when the mask on the requested grid holds none of the organs the quality check measures."
+    "Warn when the mask on the requested grid holds none of the organs QC measures, or is a fragment inside the body."
     present = set(np.unique(ms["label"].cpu().numpy()).tolist())
-    if present & _organ_ids(): return
+    structures = present - {0, 200}
+    if structures & _organ_ids() and (0 in present or len(structures) >= 3): return
     fov = " × ".join(f"{n * s:g}" for n, s in zip(c["output_size"], c["spacing"]))
     names = ", ".join(label_name(int(v)) for v in sorted(present) if v) or "nothing"
     warnings.warn(f"the field of view ({fov} mm: output_size {list(c['output_size'])} at spacing {list(c['spacing'])} mm) "
-                  f"holds none of the requested anatomy: the {ms['info']['source']} mask has only {names}; the image "
-                  "is body tissue at best and its quality check is 'not checked'. Use a larger output_size or spacing",
+                  f"holds almost none of the requested anatomy: the {ms['info']['source']} mask has only {names}, and its "
+                  "quality check has (almost) nothing to measure. Use a larger output_size or spacing",
                   stacklevel=2)
 
 @patch

@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import pickle
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 import numpy as np
@@ -226,7 +228,11 @@ def fid_cli(argv=None) -> int:
     if a.center_slices_ratio is not None and not 0 < a.center_slices_ratio <= 1:
         raise ValueError(f"--center-slices-ratio: expected a number in (0, 1], got {a.center_slices_ratio}")
     for side, root in (("real", a.real_root), ("synth", a.synth_root)): list_volumes(getattr(a, side), root, a.num_images)
-    net = load_feature_network(a.network, a.weights, device=default_device(a.device))
+    device = default_device(a.device)
+    try: net = load_feature_network(a.network, a.weights, device=device)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile):
+        raise ValueError(f"--weights: {a.weights} is not a readable checkpoint (truncated, not a torch file, or refused "
+                         "by torch.load(weights_only=True))") from None
     res = compute_fid(a.real, a.synth, net, None, a.center_slices_ratio, spacing, shape, not a.no_padding, not a.no_cropping,
                       batch_size=a.batch_size, num_images=a.num_images, real_root=a.real_root,
                       synth_root=a.synth_root, cache_dir=a.cache_dir, ignore_existing=a.ignore_existing)
