@@ -14,8 +14,8 @@ __all__ = ['LABELS', 'BODY_ID', 'BACKGROUND_ID', 'PLACEHOLDER_IDS', 'TUMOR_IDS',
            'BODY_REGIONS', 'REGION_INDICATORS', 'CONTROLLABLE_ANATOMIES', 'MODALITIES', 'UNCONDITIONAL_MODALITY',
            'MR_FIELDS_OF_VIEW', 'TUMOR_FREE_HOSTS', 'LUNG_LOBES', 'BRAIN_TUMOR_CODES', 'label_id', 'label_name',
            'label_group', 'compact_to_maisi', 'body_region_index', 'region_one_hot', 'regions_in_mask',
-           'region_indices_from_mask', 'modality_id', 'modality_name', 'is_mr', 'check_modality', 'labels_to_bits',
-           'bits_to_labels', 'tumor_free_mask']
+           'region_indices_from_mask', 'modality_id', 'modality_name', 'is_mr', 'check_modality',
+           'augment_modality_labels', 'labels_to_bits', 'bits_to_labels', 'tumor_free_mask']
 
 # %% ../nbs/00a_labels.ipynb #a8c4fb62
 _TABLE = """
@@ -249,6 +249,20 @@ MR_FIELDS_OF_VIEW = {  # median training field of view (mm, X × Y × Z) per mod
         "flair": ((250, 250, 175), (176, 250, 250), (250, 200, 250)), "swi": ((230, 230, 145), (140, 230, 230), (230, 155, 230)),
         "mra": ((220, 220, 158), (158, 250, 250), (240, 179, 240))}.items()
         for o, fov in zip(("axial", "sagittal", "coronal"), fovs)}}
+
+# %% ../nbs/00a_labels.ipynb #c9a1e008
+def augment_modality_labels(labels:torch.Tensor, # (B,) integer modality codes
+                            p:float=0.1, # probability of each of the three relabellings
+                            generator:torch.Generator=None, # CPU generator for the draws
+                           ) -> torch.Tensor:
+    "NV-Generate v2's modality label augmentation: 2-7 -> 1, >= 9 -> 8, then any -> 0, each with probability `p`."
+    if not 0 <= p <= 1: raise ValueError(f"p: expected a probability in [0, 1], got {p!r}")
+    lab = torch.as_tensor(labels)
+    if lab.is_floating_point() or lab.ndim != 1: raise ValueError(f"labels: expected a (B,) integer tensor, got {lab.dtype} {tuple(lab.shape)}")
+    u = torch.rand((3, lab.shape[0]), generator=generator).to(lab.device)
+    out = torch.where((lab >= 2) & (lab <= 7) & (u[0] < p), torch.ones_like(lab), lab)
+    out = torch.where((out >= 9) & (u[1] < p), torch.full_like(out, 8), out)
+    return torch.where(u[2] > p, out, torch.full_like(out, UNCONDITIONAL_MODALITY))
 
 # %% ../nbs/00a_labels.ipynb #7b892b9a
 def labels_to_bits(labels, # (B,1,X,Y,Z) integer MAISI ids, each < 2**bits
