@@ -4,29 +4,30 @@
 
 # %% ../nbs/03_controlnet.ipynb #c39efa1b
 from __future__ import annotations
-import argparse, copy, difflib, json, math, os, time, warnings
+import json, os, warnings
 from pathlib import Path
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 import monai
 from monai.networks.utils import copy_model_state
 from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
-from .utils import default_device, make_generator, progress, atomic_path, load_nifti, save_json, save_nifti, torch_save
+from .utils import default_device, load_nifti, save_nifti
+from .config import Field, number, vector, NONE, TEXT, check_fields, load_config, command_parser, cli_command
 from .labels import labels_to_bits, region_indices_from_mask, MODALITIES
 from .data import controlnet_transforms, read_datalist, split_by_fold, write_datalist, REGION_KEYS
 from .networks import load_checkpoint, save_checkpoint, build_networks, decode_latents, to_hu, read_checkpoint
-from .diffusion import (unwrap_model, diffusion_loss, sample_latents, latent_loader, init_distributed,
-                                embedding_name, resume_path, plot_loss_curve, _epoch_generator, _dist_info, _to)
+from .sampling import unwrap_model, sample_latents
+from .training import (setup_distributed, dist_info, ddp, RunFiles, Trainer, prepare_run, amp_enabled, amp_step,
+                               plot_history, save_plot)
+from .diffusion import diffusion_loss, latent_loader, embedding_name
 
 # %% auto #0
-__all__ = ['CONTROLNET_TRAIN', 'CONTROLNET_INFER', 'CONTROLNET_ENVIRONMENT', 'CONTROLNET_SECTIONS', 'validate_controlnet_config',
-           'load_controlnet_config', 'init_controlnet_from_unet', 'freeze', 'setup_controlnet',
-           'controlnet_loss_weights', 'controlnet_loss', 'controlnet_records', 'check_controlnet_records',
-           'make_controlnet_datalist', 'controlnet_dataset', 'controlnet_checkpoint_paths',
+__all__ = ['CONTROLNET_TRAIN', 'CONTROLNET_INFER', 'CONTROLNET_ENVIRONMENT', 'CONTROLNET_SECTIONS', 'CONTROLNET_RULES',
+           'validate_controlnet_config', 'load_controlnet_config', 'init_controlnet_from_unet', 'freeze',
+           'setup_controlnet', 'controlnet_loss_weights', 'controlnet_loss', 'controlnet_records',
+           'check_controlnet_records', 'make_controlnet_datalist', 'controlnet_dataset', 'controlnet_checkpoint_paths',
            'save_controlnet_checkpoint', 'load_controlnet_checkpoint', 'train_controlnet', 'decode_image',
            'generate_from_mask', 'infer_controlnet', 'expected_hu', 'mask_agreement', 'train_controlnet_cli',
            'infer_controlnet_cli']
@@ -44,70 +45,31 @@ CONTROLNET_SECTIONS = {"controlnet_train": CONTROLNET_TRAIN, "controlnet_infer":
                        "environment": CONTROLNET_ENVIRONMENT}
 
 # %% ../nbs/03_controlnet.ipynb #bc5a8cc9
-def _number(lo=-math.inf, hi=math.inf, integer=False, lo_open=False):
-    return lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                      and (v > lo if lo_open else v >= lo) and v <= hi and (not integer or float(v).is_integer()))
-
-def _path_or_none(v): return v is None or (isinstance(v, (str, os.PathLike)) and str(v) != "")
-def _paths(v): return isinstance(v, (str, os.PathLike)) or (isinstance(v, (list, tuple)) and all(isinstance(x, (str, os.PathLike)) for x in v))
-def _modality(v): return (isinstance(v, str) and v.lower() in MODALITIES) or _number(0, 127, integer=True)(v)
-
-_CN_RULES = {
-    "batch_size": (_number(1, integer=True), "an integer >= 1"), "cache_rate": (_number(0, 1), "a number in [0, 1]"),
-    "fold": (_number(0, integer=True), "an integer >= 0"), "lr": (_number(0, 1, lo_open=True), "a number in (0, 1]"),
-    "n_epochs": (_number(1, integer=True), "an integer >= 1"),
-    "weighted_loss_label": (lambda v: isinstance(v, (list, tuple)) and all(_number(0, 255, integer=True)(x) for x in v),
-                            "a list of label ids in 0..255, e.g. [129]"),
-    "weighted_loss": (_number(0, lo_open=True), "a number > 0 (values <= 1 switch the weighting off)"),
-    "num_inference_steps": (lambda v: v is None or _number(1, 1000, integer=True)(v), "null or an integer in 1..1000"),
-    "autoencoder_sliding_window_infer_size": (lambda v: isinstance(v, (list, tuple)) and len(v) == 3
-                                              and all(_number(1, integer=True)(x) for x in v), "three integers >= 1 (latent voxels)"),
-    "autoencoder_sliding_window_infer_overlap": (lambda v: _number(0, 1)(v) and v < 1, "a number in [0, 1)"),
-    "modality": (_modality, f"an id in 0..127 or a name in {list(MODALITIES)}"),
-    "model_dir": (_path_or_none, "a folder"), "output_dir": (_path_or_none, "a folder"),
-    "tfevent_path": (_path_or_none, "a folder or null"), "trained_autoencoder_path": (_path_or_none, "a file or null"),
-    "trained_diffusion_path": (_path_or_none, "a file or null"), "trained_controlnet_path": (_path_or_none, "a file or null"),
-    "exp_name": (lambda v: isinstance(v, str) and v != "" and "/" not in v and "\\" not in v, "a non-empty name without slashes"),
-    "data_base_dir": (_paths, "a folder or a list of folders"), "json_data_list": (_paths, "a JSON file or a list of them")}
-
-# %% ../nbs/03_controlnet.ipynb #3b799d63
-def _read_json(src, what:str) -> dict:
-    if src is None: return {}
-    if isinstance(src, dict): return copy.deepcopy(src)
-    p = Path(src)
-    if not p.is_file(): raise FileNotFoundError(f"{what}: no such file {str(p)!r}")
-    d = json.loads(p.read_text())
-    if not isinstance(d, dict): raise ValueError(f"{what}: {p} must hold a JSON object")
-    return d
-
-def _unknown(key:str, allowed, where:str) -> ValueError:
-    near = difflib.get_close_matches(key, list(allowed), n=1)
-    return ValueError(f"{where}: unknown key {key!r}{f' (did you mean {near[0]!r}?)' if near else ''}; "
-                      f"allowed: {', '.join(sorted(allowed))}")
-
-def _set_key(cfg:dict, key:str, value, where:str):
-    "Put `key` (`section.key` or a bare key) into the section that owns it."
-    sec, _, k = key.rpartition(".")
-    if sec and sec not in cfg: raise _unknown(sec, cfg, where)
-    owners = [sec] if sec else [s for s in cfg if k in cfg[s]]
-    if not owners or k not in cfg[owners[0]]: raise _unknown(k, [x for s in (owners or cfg) for x in cfg[s]], where)
-    cfg[owners[0]][k] = copy.deepcopy(value)
-
-def _parse_override(item:str) -> tuple:
-    if "=" not in item: raise ValueError(f"override {item!r}: expected key=value, e.g. n_epochs=3")
-    key, raw = item.split("=", 1)
-    try: return key.strip(), json.loads(raw)
-    except json.JSONDecodeError: return key.strip(), raw  # a bare string such as exp_name=kits
+_PATHS = Field(lambda v: isinstance(v, (str, os.PathLike)) or (isinstance(v, (list, tuple)) and
+               all(isinstance(x, (str, os.PathLike)) for x in v)), "a path or a list of paths")
+_LABEL_IDS = Field(lambda v: isinstance(v, (list, tuple)) and all(number(0, 255, integer=True).check(x) for x in v),
+                   "a list of label ids in 0..255, e.g. [129]")
+CONTROLNET_RULES = {
+    "batch_size": number(1, integer=True), "cache_rate": number(0, 1), "fold": number(0, integer=True),
+    "lr": number(0, 1, lo_open=True), "n_epochs": number(1, integer=True), "weighted_loss_label": _LABEL_IDS,
+    "weighted_loss": number(0, lo_open=True),   # values <= 1 switch the weighting off
+    "num_inference_steps": NONE | number(1, 1000, integer=True),
+    "autoencoder_sliding_window_infer_size": vector(3, 1, integer=True),
+    "autoencoder_sliding_window_infer_overlap": Field(lambda v: number(0, 1).check(v) and v < 1, "a number in [0, 1)"),
+    "modality": number(0, 127, integer=True) | Field(lambda v: isinstance(v, str) and v.lower() in MODALITIES,
+                                                     f"a name in {list(MODALITIES)}"),
+    **{k: TEXT | NONE for k in ("model_dir", "output_dir", "tfevent_path", "trained_autoencoder_path",
+                                "trained_diffusion_path", "trained_controlnet_path")},
+    "exp_name": Field(lambda v: isinstance(v, str) and v != "" and "/" not in v and "\\" not in v,
+                      "a non-empty name without slashes"),
+    "data_base_dir": _PATHS, "json_data_list": _PATHS}
 
 # %% ../nbs/03_controlnet.ipynb #67ac9d12
 def _as_list(v) -> list: return [] if v is None else [v] if isinstance(v, (str, os.PathLike)) else list(v)
 
 def validate_controlnet_config(cfg:dict) -> dict:
-    "Check every value of a merged ControlNet config; raise ValueError naming the key, the value and what is allowed."
-    for sec in cfg.values():
-        for k, v in sec.items():
-            ok, allowed = _CN_RULES[k]
-            if not ok(v): raise ValueError(f"{k}: got {v!r}; expected {allowed}")
+    "Check every value of a merged ControlNet config (ValueError naming the key, the value and what is allowed)."
+    for sec, vals in cfg.items(): check_fields(vals, CONTROLNET_RULES, sec)
     env = cfg["environment"]
     env["data_base_dir"], env["json_data_list"] = _as_list(env["data_base_dir"]), _as_list(env["json_data_list"])
     if len(env["data_base_dir"]) != len(env["json_data_list"]):
@@ -120,14 +82,8 @@ def load_controlnet_config(env_config=None, # environment JSON path or dict (mod
                            overrides=(), # "key=value" or "section.key=value" strings, values parsed as JSON
                           ) -> dict:
     "Merged, checked ControlNet config with sections controlnet_train, controlnet_infer and environment."
-    cfg = copy.deepcopy(CONTROLNET_SECTIONS)
-    for sec, vals in _read_json(train_config, "train_config").items():
-        if sec not in ("controlnet_train", "controlnet_infer"): raise _unknown(sec, ["controlnet_train", "controlnet_infer"], "train_config")
-        if not isinstance(vals, dict): raise ValueError(f"train_config: section {sec!r} must be an object, got {vals!r}")
-        for k, v in vals.items(): _set_key(cfg, f"{sec}.{k}", v, f"train_config section {sec!r}")
-    for k, v in _read_json(env_config, "env_config").items(): _set_key(cfg, f"environment.{k}", v, "env_config")
-    for item in overrides: _set_key(cfg, *_parse_override(item), "override")
-    return validate_controlnet_config(cfg)
+    return validate_controlnet_config(load_config(CONTROLNET_SECTIONS, CONTROLNET_RULES, overrides=overrides,
+        files=[(train_config, "train_config", None), (env_config, "env_config", "environment")]))
 
 # %% ../nbs/03_controlnet.ipynb #17e6edae
 def init_controlnet_from_unet(controlnet:nn.Module, unet:nn.Module) -> dict:
@@ -255,9 +211,10 @@ def controlnet_dataset(records:list, cache_rate:float=0.0) -> monai.data.CacheDa
 
 # %% ../nbs/03_controlnet.ipynb #fa3061bd
 def controlnet_checkpoint_paths(model_dir, exp_name:str="controlnet") -> dict:
-    "{'current', 'best', 'resume'} file paths of a ControlNet training run."
-    cur = Path(model_dir) / f"{exp_name}_current.pt"
-    return {"current": cur, "best": Path(model_dir) / f"{exp_name}_best.pt", "resume": resume_path(cur)}
+    "{'current', 'best'} model files and the run's 'state', 'metrics' and 'loss_plot' files of a ControlNet run."
+    f = RunFiles(model_dir, exp_name)
+    return {"current": f.model_dir / f"{exp_name}_current.pt", "best": f.model_dir / f"{exp_name}_best.pt",
+            "state": f.state, "metrics": f.metrics, "loss_plot": f.loss_plot}
 
 def save_controlnet_checkpoint(path, controlnet:nn.Module, epoch:int, loss:float) -> Path:
     "Write a released-layout ControlNet checkpoint (controlnet_state_dict, epoch, loss), atomically."
@@ -273,84 +230,59 @@ def load_controlnet_checkpoint(path, controlnet:nn.Module=None) -> dict:
     return {k: v for k, v in ck.items() if k != "controlnet_state_dict"}
 
 # %% ../nbs/03_controlnet.ipynb #7d7847e9
-def _restore_controlnet(paths:dict, controlnet, opt, sched, scaler, seed:int, n_epochs:int) -> tuple:
-    "Weights, optimizer/scaler/LR state, start epoch and history of a run to resume."
-    for k in ("current", "resume"):
-        if not paths[k].is_file(): raise FileNotFoundError(f"resume: {paths[k]} does not exist; nothing to resume")
-    ck = load_controlnet_checkpoint(paths["current"], controlnet)
-    st = torch.load(paths["resume"], map_location="cpu", weights_only=True)
-    if st["epoch"] != ck["epoch"]:
-        raise ValueError(f"resume: {paths['current']} is at epoch {ck['epoch']} but {paths['resume']} at epoch {st['epoch']}")
-    if st["seed"] != seed: raise ValueError(f"seed: resuming a run started with seed {st['seed']}, got {seed}")
-    if st["n_epochs"] != n_epochs:
-        raise ValueError(f"n_epochs: the run in {paths['current']} was planned for {st['n_epochs']} epochs (its LR "
-                         f"schedule ends there), got {n_epochs}; to train further, start a new run from its weights")
-    opt.load_state_dict(st["optimizer"]); sched.load_state_dict(st["lr_scheduler"]); scaler.load_state_dict(st["scaler"])
-    return ck["epoch"], st["history"]
+def _batch_to(batch:dict, key:str, device): return batch[key].to(device) if key in batch else None
 
-def _save_epoch(paths:dict, controlnet, epoch:int, loss:float, improved:bool, opt, sched, scaler, seed:int,
-                n_epochs:int, history:dict):
-    "Resume state, current checkpoint, and the best one when the epoch loss improved (all atomic)."
-    torch_save({"epoch": epoch, "optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict(),
-                "scaler": scaler.state_dict(), "seed": seed, "n_epochs": n_epochs, "history": history}, paths["resume"])
-    save_controlnet_checkpoint(paths["current"], controlnet, epoch, loss)
-    if improved: save_controlnet_checkpoint(paths["best"], controlnet, epoch, loss)
+def _controlnet_step(unet, model, scheduler, opt, scaler, scale_factor, amp:bool, device, **loss_kw):
+    "One ControlNet training step as MAISI's: zero grads, autocast forward, scaled backward and optimizer step."
+    def step(batch:dict, generator:torch.Generator) -> dict:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            loss = controlnet_loss(unet, model, scheduler, batch["image"].to(device) * scale_factor, batch["label"].to(device),
+                                   spacing=_batch_to(batch, "spacing", device), generator=generator,
+                                   top_region_index=_batch_to(batch, "top_region_index", device),
+                                   bottom_region_index=_batch_to(batch, "bottom_region_index", device), **loss_kw)
+        amp_step(loss, opt, scaler)
+        return {"loss": loss.item()}
+    return step
 
 # %% ../nbs/03_controlnet.ipynb #b24ad651
-def _log_epoch(log_path, record:dict):
-    "Append one JSON line to `log_path` (created with its folder)."
-    p = Path(log_path); p.parent.mkdir(parents=True, exist_ok=True)
-    with open(p, "a") as f: f.write(json.dumps(record) + "\n")
-
 def train_controlnet(unet, controlnet, scheduler,
                      records:list, # training records (see `controlnet_records`, `split_by_fold`)
                      n_epochs:int, lr:float=1e-5, batch_size:int=1, cache_rate:float=0.0,
                      scale_factor=1.0, # the diffusion UNet's scale factor
                      weighted_loss_label=(), weighted_loss:float=1.0, # see `controlnet_loss_weights`
-                     model_dir=None, exp_name:str="controlnet", # files {exp_name}_current/_best.pt (rank 0); None: none
-                     resume:bool=False, # continue from {exp_name}_current.pt and its resume file
-                     overwrite:bool=False, # allow replacing an existing run when not resuming
-                     until_epoch:int=None, # stop after this epoch (e.g. a time-limited job); resume later
-                     modality=1, seed:int=0, device=None, amp:bool=None, num_workers:int=0,
-                     log_path=None, progress_bar:bool=True) -> dict:
-    "Train a ControlNet beside its frozen UNet as MAISI does; returns the loss history (the ControlNet trains in place)."
-    device, (rank, world) = default_device(device), _dist_info()
-    amp = device.type == "cuda" if amp is None else amp
-    paths = None if model_dir is None else controlnet_checkpoint_paths(model_dir, exp_name)
-    if resume and paths is None: raise ValueError("resume: needs model_dir")
-    if paths and paths["current"].exists() and not (resume or overwrite):
-        raise FileExistsError(f"model_dir: {paths['current']} exists; pass resume=True to continue it or overwrite=True")
+                     model_dir=None, exp_name:str="controlnet", # run folder and name (rank 0 writes); None: no files
+                     resume:bool=False, # continue the run in model_dir from its last complete epoch
+                     overwrite:bool=False, # start a new run where one exists
+                     until_epoch:int=None, # stop after this many epochs in total (e.g. a time-limited job); resume later
+                     modality=1, seed:int=0, device=None, amp:bool=None, # None: float16 autocast on CUDA
+                     num_workers:int=0, tfevent_path=None, # TensorBoard folder (when tensorboard is installed)
+                     progress_bar:bool=True) -> dict:
+    "Train a ControlNet beside its frozen UNet as MAISI does; returns the `Trainer.history` (the ControlNet trains in place)."
+    device, (rank, world) = default_device(device), dist_info()
+    files, paths = (None, None) if model_dir is None else (RunFiles(model_dir, exp_name), controlnet_checkpoint_paths(model_dir, exp_name))
+    if resume and files is None: raise ValueError("resume: needs model_dir")
+    if files: prepare_run(files, resume, overwrite, outputs=[paths["current"], paths["best"]], rank=rank)
     check_controlnet_records(records, unet)
-    unet, controlnet = freeze(unwrap_model(unet).to(device)), unwrap_model(controlnet).to(device)
+    amp = amp_enabled(True if amp is None else amp, device)
+    unet, controlnet = freeze(unwrap_model(unet).to(device)), unwrap_model(controlnet).to(device).train()
     loader = latent_loader(controlnet_dataset(records, cache_rate), batch_size, seed, rank, world, num_workers)
     opt = torch.optim.AdamW(controlnet.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=n_epochs * len(loader), power=2.0)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
-    start, history = 0, {"loss": [], "epoch_loss": [], "lr": [], "best_loss": math.inf}
-    if resume: start, history = _restore_controlnet(paths, controlnet, opt, sched, scaler, seed, n_epochs)
-    sf = torch.as_tensor(scale_factor, dtype=torch.float32).reshape(()).to(device)
-    model = DistributedDataParallel(controlnet, device_ids=[device] if device.type == "cuda" else None) if world > 1 else controlnet
-    for epoch in range(start, min(n_epochs, until_epoch or n_epochs)):
-        loader.sampler.set_epoch(epoch); gen = _epoch_generator(seed, epoch, rank); model.train()
-        tot, t0 = torch.zeros(2, device=device), time.time()
-        for batch in progress(loader, desc=f"epoch {epoch + 1}/{n_epochs}", disable=None if progress_bar and rank == 0 else True):
-            x0 = batch["image"].to(device) * sf
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-                loss = controlnet_loss(unet, model, scheduler, x0, batch["label"].to(device), spacing=_to(batch, "spacing", device),
-                                       top_region_index=_to(batch, "top_region_index", device),
-                                       bottom_region_index=_to(batch, "bottom_region_index", device), modality=modality,
-                                       weighted_loss_label=weighted_loss_label, weighted_loss=weighted_loss, generator=gen)
-            scaler.scale(loss).backward(); scaler.step(opt); scaler.update()
-            history["lr"].append(opt.param_groups[0]["lr"]); sched.step()
-            history["loss"].append(loss.item()); tot += torch.stack([loss.detach().float(), torch.ones((), device=device)])
-        if world > 1: dist.all_reduce(tot, op=dist.ReduceOp.SUM)
-        ep_loss = (tot[0] / tot[1]).item(); history["epoch_loss"].append(ep_loss)
-        improved = ep_loss < history["best_loss"]
-        if improved: history["best_loss"] = ep_loss
-        if rank == 0 and paths: _save_epoch(paths, controlnet, epoch + 1, ep_loss, improved, opt, sched, scaler, seed, n_epochs, history)
-        if rank == 0 and log_path: _log_epoch(log_path, {"epoch": epoch + 1, "loss": ep_loss, "lr": history["lr"][-1], "time_s": time.time() - t0})
-    return history
+    scaler, sf = torch.amp.GradScaler(device.type, enabled=amp), torch.as_tensor(scale_factor, dtype=torch.float32).reshape(())
+    step = _controlnet_step(unet, ddp(controlnet, device, world), scheduler, opt, scaler, sf.to(device), amp, device,
+                            modality=modality, weighted_loss_label=weighted_loss_label, weighted_loss=weighted_loss)
+    def export(rec:dict, improved:bool):
+        for k in ("current", "best") if improved else ("current",):
+            save_controlnet_checkpoint(paths[k], controlnet, rec["epoch"], rec["train_loss"])
+    def epoch_loader(epoch:int): loader.sampler.set_epoch(epoch); return loader
+    meta = {"lr": lr, "batch_size": batch_size, "scale_factor": float(sf), "modality": modality,
+            "weighted_loss_label": [int(i) for i in weighted_loss_label], "weighted_loss": float(weighted_loss)}
+    trainer = Trainer(step, {"controlnet": controlnet, "optimizer": opt, "lr_scheduler": sched, "scaler": scaler},
+                      epoch_loader, n_epochs, seed, files, monitor="train_loss", export=export, step_schedulers=[sched],
+                      steps_per_epoch=len(loader), meta=meta, rank=rank, world_size=world, device=device,
+                      progress_bar=progress_bar, tfevent_path=tfevent_path)
+    return trainer.fit(resume, until_epoch).history
 
 # %% ../nbs/03_controlnet.ipynb #97a23e25
 def _label_batch(label) -> torch.Tensor:
@@ -412,8 +344,7 @@ def infer_controlnet(records:list, # validation records: label, spacing, latent 
                      overwrite:bool=False, device=None, rank:int=None, world_size:int=None,
                      progress_bar:bool=True) -> list:
     "Generate one CT per validation mask and write `sample_*_image.nii.gz` / `_label.nii.gz`; returns the path pairs."
-    rank = (dist.get_rank() if dist.is_initialized() else 0) if rank is None else rank
-    world_size = (dist.get_world_size() if dist.is_initialized() else 1) if world_size is None else world_size
+    rank, world_size = [d if v is None else v for v, d in zip((rank, world_size), dist_info())]
     check_controlnet_records(records, unet)
     out_dir, mine = Path(output_dir), list(range(rank, len(records), world_size))
     names = {i: [out_dir / f"sample_{_case(records[i]['label'])}_seed{seed + i}_{k}.nii.gz" for k in ("image", "label")] for i in mine}
@@ -464,8 +395,8 @@ def mask_agreement(image, label, # (X,Y,Z) HU volume and the mask it should foll
     return {"correlation": r, "in_range": float(np.mean(hits)) if hits else float("nan"), "n_structures": len(hits)}
 
 # %% ../nbs/03_controlnet.ipynb #118bb598
-def _cli_parser(prog:str, description:str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description)
+def _cli_parser(prog:str, description:str, resume:bool=False):
+    p = command_parser(prog, description, resume=resume, overrides=True)
     p.add_argument("-e", "--environment-file", "--env_config", dest="env_config", required=True,
                    help="environment JSON: model_dir, exp_name, checkpoints, data_base_dir and json_data_list lists")
     p.add_argument("-c", "--config-file", "--model_def", dest="model_def", default="maisi-rflow",
@@ -473,11 +404,7 @@ def _cli_parser(prog:str, description:str) -> argparse.ArgumentParser:
     p.add_argument("-t", "--training-config", "--model_config", dest="train_config", default=None,
                    help="config_maisi_controlnet_train.json (sections controlnet_train, controlnet_infer)")
     p.add_argument("-g", "--gpus", type=int, default=None, help="ignored: start one process per GPU with torchrun")
-    p.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="override config values, e.g. --set n_epochs=3 controlnet_train.lr=1e-4 exp_name=kits")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
     p.add_argument("--no_amp", action="store_true", help="no float16 autocast on CUDA")
-    p.add_argument("--seed", type=int, default=0)
     return p
 
 def _prepare(a, need:tuple) -> tuple:
@@ -505,64 +432,53 @@ def _load_models(cfg:dict, model_def, device, controlnet_path) -> tuple:
 
 # %% ../nbs/03_controlnet.ipynb #c43983bd
 def _check_train_inputs(a) -> tuple:
-    "Config, training and validation records, checked against the network, before any network is built."
+    "Config and records checked against the network, and the run folder checked for new/resume/overwrite, before any network is built."
+    if a.until_epoch is not None and a.until_epoch < 1: raise ValueError(f"--until_epoch: got {a.until_epoch}; allowed: an integer >= 1")
     cfg, train, val = _prepare(a, need=("model_dir",))
     t, env = cfg["controlnet_train"], cfg["environment"]
     if not train: raise ValueError(f"fold: every record is in fold {t['fold']} (validation); nothing to train on")
-    paths = controlnet_checkpoint_paths(env["model_dir"], env["exp_name"])
-    if paths["current"].exists() and not (a.resume or a.overwrite):
-        raise FileExistsError(f"{paths['current']} exists; pass --resume to continue it or --overwrite to start again")
     check_controlnet_records(train, build_networks(a.model_def, "meta", which=("diffusion_unet",)).diffusion_unet)
-    return cfg, train, val
+    paths = controlnet_checkpoint_paths(env["model_dir"], env["exp_name"])
+    prepare_run(RunFiles(env["model_dir"], env["exp_name"]), a.resume, a.overwrite, outputs=[paths["current"], paths["best"]],
+                rank=int(os.environ.get("RANK", "0")))
+    return cfg, train, paths
 
+@cli_command("maisi_train_controlnet")
 def train_controlnet_cli(argv=None):
     "Command line: train MAISI's ControlNet on latent/mask pairs (DDPM or rectified flow, from the network config)."
-    p = _cli_parser("maisi_train_controlnet", train_controlnet_cli.__doc__)
-    p.add_argument("--resume", action="store_true", help="continue {model_dir}/{exp_name}_current.pt and its resume file")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run's checkpoints when not resuming")
+    p = _cli_parser("maisi_train_controlnet", train_controlnet_cli.__doc__, resume=True)
     p.add_argument("--until_epoch", type=int, default=None, help="stop after this epoch (continue later with --resume)")
     a = p.parse_args(argv)
-    try: cfg, train, _ = _check_train_inputs(a)
-    except (ValueError, FileNotFoundError, FileExistsError) as e: p.error(str(e).strip("'\""))
+    cfg, train, paths = _check_train_inputs(a)
     t, env, modality = cfg["controlnet_train"], cfg["environment"], cfg["controlnet_infer"]["modality"]
-    device = init_distributed(a.device)
+    rank, _, device = setup_distributed(a.device)
     unet, cn, sch, sf = _load_models(cfg, a.model_def, device, None if a.resume else env["trained_controlnet_path"])
-    log = Path(env["tfevent_path"]) / env["exp_name"] / "metrics.jsonl" if env["tfevent_path"] else None
     hist = train_controlnet(unet, cn, sch, train, n_epochs=t["n_epochs"], lr=t["lr"], batch_size=t["batch_size"],
                             cache_rate=t["cache_rate"], scale_factor=sf, weighted_loss_label=t["weighted_loss_label"],
                             weighted_loss=t["weighted_loss"], model_dir=env["model_dir"], exp_name=env["exp_name"],
                             resume=a.resume, overwrite=a.overwrite, until_epoch=a.until_epoch, modality=modality,
-                            seed=a.seed, device=device, amp=device.type == "cuda" and not a.no_amp, log_path=log)
-    if _dist_info()[0] == 0:
-        from matplotlib.figure import Figure   # off-screen: no pyplot state, no backend switch in a notebook
-        fig = Figure(figsize=(5, 3), layout="tight"); plot_loss_curve(hist, fig.subplots())
-        fig.axes[0].set_title(f"ControlNet training loss ({env['exp_name']})")
-        with atomic_path(Path(env["model_dir"]) / f"{env['exp_name']}_loss.png") as tmp: fig.savefig(tmp, dpi=100, format="png")
-    if dist.is_initialized(): dist.destroy_process_group()
-    if _dist_info()[0] == 0: print(f"done: {len(hist['epoch_loss'])} epoch(s) this run, last loss {hist['epoch_loss'][-1]:.5g}, "
-                                   f"checkpoints in {env['model_dir']} ({env['exp_name']}_current.pt, _best.pt)")
-    return 0
+                            seed=a.seed, device=device, amp=not a.no_amp,
+                            tfevent_path=Path(env["tfevent_path"]) / env["exp_name"] if env["tfevent_path"] else None)
+    if rank == 0:
+        from matplotlib.figure import Figure   # off-screen: no pyplot figure, no backend switch in a notebook
+        save_plot(plot_history(hist, f"ControlNet ({env['exp_name']})", fig=Figure(figsize=(5, 3), dpi=100)), paths["loss_plot"])
+        print(f"done: epoch {len(hist['epoch_loss'])}/{t['n_epochs']}, loss {hist['epoch_loss'][-1]:.5g}; "
+              f"{paths['current'].name} and {paths['best'].name} in {env['model_dir']}")
 
 # %% ../nbs/03_controlnet.ipynb #5efb05a1
+@cli_command("maisi_infer_controlnet")
 def infer_controlnet_cli(argv=None):
     "Command line: one generated CT per mask of the validation fold (MAISI's infer_controlnet.py)."
-    p = _cli_parser("maisi_infer_controlnet", infer_controlnet_cli.__doc__)
-    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    a = p.parse_args(argv)
-    try:
-        cfg, _, val = _prepare(a, need=("output_dir", "trained_autoencoder_path", "trained_controlnet_path"))
-        if not val: raise ValueError(f"fold: no record has fold {cfg['controlnet_train']['fold']}; nothing to generate from")
-        check_controlnet_records(val, build_networks(a.model_def, "meta", which=("diffusion_unet",)).diffusion_unet)
-    except (ValueError, FileNotFoundError) as e: p.error(str(e).strip("'\""))
+    a = _cli_parser("maisi_infer_controlnet", infer_controlnet_cli.__doc__).parse_args(argv)
+    cfg, _, val = _prepare(a, need=("output_dir", "trained_autoencoder_path", "trained_controlnet_path"))
+    if not val: raise ValueError(f"fold: no record has fold {cfg['controlnet_train']['fold']}; nothing to generate from")
+    check_controlnet_records(val, build_networks(a.model_def, "meta", which=("diffusion_unet",)).diffusion_unet)
     inf, env = cfg["controlnet_infer"], cfg["environment"]
-    device = init_distributed(a.device)
+    _, _, device = setup_distributed(a.device)
     unet, cn, sch, sf = _load_models(cfg, a.model_def, device, env["trained_controlnet_path"])
     ae = build_networks(a.model_def, device, which=("autoencoder",)).autoencoder
     load_checkpoint(ae, env["trained_autoencoder_path"], "autoencoder")
     window = (inf["autoencoder_sliding_window_infer_size"], inf["autoencoder_sliding_window_infer_overlap"])
-    try: out = infer_controlnet(val, ae, unet, cn, sch, sf, env["output_dir"], inf["num_inference_steps"], window,
-                                inf["modality"], a.seed, a.overwrite, device)
-    except FileExistsError as e: p.error(str(e))   # raised before any generation
-    if dist.is_initialized(): dist.destroy_process_group()
+    out = infer_controlnet(val, ae, unet, cn, sch, sf, env["output_dir"], inf["num_inference_steps"], window,
+                           inf["modality"], a.seed, a.overwrite, device)   # refuses existing files before any generation
     for img, lab in out: print(f"wrote {img} and {lab}")
-    return 0

@@ -45,7 +45,7 @@ def _cli_error(capsys, fn, argv, pattern):
     with pytest.raises(SystemExit) as e: fn(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert re.search(pattern, err) and "Traceback" not in err, err
+    assert re.search(pattern, err) and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 def test_config_errors_stop_before_any_work(run, tmp_path, capsys):
     from maisi_nb.controlnet import train_controlnet_cli, infer_controlnet_cli
@@ -59,8 +59,10 @@ def test_config_errors_stop_before_any_work(run, tmp_path, capsys):
     _cli_error(capsys, infer_controlnet_cli, base, "trained_controlnet_path is required")
     assert not (Path(run["env_dict"]["model_dir"]) / "cn_test_current.pt").exists()
 
-def _history(models):
-    return torch.load(models / "cn_test_current_resume.pt", weights_only=True)["history"]
+def _epoch_losses(models):
+    "Per-epoch training losses from the run's state (what --resume continues from)."
+    from maisi_nb.training import load_state
+    return [r["train_loss"] for r in load_state(models / "cn_test_train_state.pt")["records"]]
 
 def test_train_resume_refuse_then_infer(run, capsys):
     from maisi_nb.controlnet import train_controlnet_cli, infer_controlnet_cli
@@ -68,19 +70,19 @@ def test_train_resume_refuse_then_infer(run, capsys):
     models = Path(run["env_dict"]["model_dir"])
     base = ["-e", run["env"], "-c", "tiny", "-t", run["train"], "--device", "cpu"]
     assert train_controlnet_cli(base + ["--until_epoch", "1"]) == 0         # upstream flag names
-    h1 = _history(models)
-    assert len(h1["epoch_loss"]) == 1 and torch.load(models / "cn_test_current.pt", weights_only=True)["epoch"] == 1
+    h1 = _epoch_losses(models)
+    assert len(h1) == 1 and torch.load(models / "cn_test_current.pt", weights_only=True)["epoch"] == 1
     assert train_controlnet_cli(["--env_config", run["env"], "--model_def", "tiny", "--model_config", run["train"],
                                  "--device", "cpu", "--resume"]) == 0       # the other tools' flag names
-    h2 = _history(models)
-    assert len(h2["epoch_loss"]) == 2 and h2["epoch_loss"][0] == h1["epoch_loss"][0]
+    h2 = _epoch_losses(models)
+    assert len(h2) == 2 and h2[0] == h1[0]
     ck = torch.load(models / "cn_test_current.pt", weights_only=True)
     assert sorted(ck) == ["controlnet_state_dict", "epoch", "loss"] and ck["epoch"] == 2
-    for f in ("cn_test_best.pt", "cn_test_current_resume.pt", "cn_test_loss.png"): assert (models / f).is_file(), f
-    assert len((Path(run["env_dict"]["tfevent_path"]) / "cn_test" / "metrics.jsonl").read_text().splitlines()) == 2
+    for f in ("cn_test_best.pt", "cn_test_train_state.pt", "cn_test_loss.png"): assert (models / f).is_file(), f
+    assert [json.loads(l)["epoch"] for l in (models / "cn_test_metrics.jsonl").read_text().splitlines()] == [1, 2]
     cn = build_networks("tiny", "cpu", which=("controlnet",)).controlnet
     load_checkpoint(cn, models / "cn_test_best.pt", "controlnet")          # strict load of the released layout
-    _cli_error(capsys, train_controlnet_cli, base, "--resume")
+    _cli_error(capsys, train_controlnet_cli, base, "already holds a training run.*--resume")
     capsys.readouterr()
     assert infer_controlnet_cli(base + ["--set", f"trained_controlnet_path={models / 'cn_test_current.pt'}"]) == 0
     out = capsys.readouterr().out
@@ -94,6 +96,31 @@ def test_train_resume_refuse_then_infer(run, capsys):
     assert hu.min() >= -1000 and hu.max() <= 1000 and (hu[np.asarray(lab.dataobj) == 0] == -1000).all()
     _cli_error(capsys, infer_controlnet_cli, base + ["--set", f"trained_controlnet_path={models / 'cn_test_current.pt'}"], "overwrite")
 
+def test_resume_errors_are_one_line(run, tmp_path, capsys):
+    "--resume with nothing to resume, a truncated state, a state or a checkpoint of another network: exit 2, one line."
+    from maisi_nb.controlnet import train_controlnet_cli
+    from maisi_nb.training import load_state, save_state
+    from maisi_nb.networks import build_networks, save_checkpoint
+    base = ["-e", run["env"], "-c", "tiny", "-t", run["train"], "--device", "cpu"]
+    _cli_error(capsys, train_controlnet_cli, base + ["--set", "exp_name=never", "--resume"], "nothing to resume")
+    _cli_error(capsys, train_controlnet_cli, base + ["--resume", "--overwrite"], "exclude each other")
+    _cli_error(capsys, train_controlnet_cli, base + ["--until_epoch", "0"], "--until_epoch: got 0")
+    models = Path(run["env_dict"]["model_dir"]); models.mkdir(parents=True, exist_ok=True)
+    assert train_controlnet_cli(base + ["--set", "exp_name=err", "n_epochs=1"]) == 0
+    state = models / "err_train_state.pt"; good = state.read_bytes()
+    state.write_bytes(good[: len(good) // 2])
+    _cli_error(capsys, train_controlnet_cli, base + ["--set", "exp_name=err", "n_epochs=1", "--resume"], "not a readable checkpoint")
+    state.write_bytes(good); st = load_state(state)
+    st["stateful"]["controlnet"] = build_networks("tiny-ddpm", "cpu", which=("controlnet",)).controlnet.state_dict()
+    save_state({k: v for k, v in st.items() if k != "format"}, state)
+    _cli_error(capsys, train_controlnet_cli, base + ["--set", "exp_name=err", "n_epochs=1", "--resume"],
+               "holds a controlnet that does not fit")
+    unet = build_networks("tiny", "cpu", which=("diffusion_unet",)).diffusion_unet
+    save_checkpoint(unet, tmp_path / "unet.pt", "diffusion_unet")
+    _cli_error(capsys, train_controlnet_cli, base + ["--set", "exp_name=err2", f"trained_controlnet_path={tmp_path / 'unet.pt'}"],
+               "controlnet_state_dict")
+    assert not (models / "err2_current.pt").exists()
+
 def test_entry_points_run_as_processes(run):
     "The installed commands: --help works, a bad value exits 2 with a one-line message before any work."
     import shutil
@@ -105,7 +132,7 @@ def test_entry_points_run_as_processes(run):
         assert r.returncode == 0 and "--environment-file" in r.stdout and "--set" in r.stdout, r.stderr
         r = subprocess.run([exe, "-e", run["env"], "-c", "tiny", "--set", "fold=-1"], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=120)
-        assert r.returncode == 2 and "fold: got -1; expected an integer >= 0" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert r.returncode == 2 and "fold: got -1; allowed: an integer >= 0" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 def test_expected_hu_reads_nifti_paths(tmp_path):
     "The exported function (not the notebook's namespace) loads NIfTI paths; same result as from arrays."

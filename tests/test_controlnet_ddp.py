@@ -11,12 +11,11 @@ WORKER = textwrap.dedent("""
     import json, sys, torch, torch.distributed as dist
     from pathlib import Path
     from maisi_nb.controlnet import controlnet_records, freeze, train_controlnet
-    from maisi_nb.diffusion import init_distributed
+    from maisi_nb.training import setup_distributed
     from maisi_nb.networks import build_networks
     torch.set_num_threads(1)
     out = Path(sys.argv[1])
-    device = init_distributed("cpu")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world, device = setup_distributed("cpu")
     nets = build_networks("tiny", "cpu", which=("diffusion_unet", "noise_scheduler"), seed=0)   # the same frozen UNet
     cn = build_networks("tiny", "cpu", which=("controlnet",), seed=rank).controlnet            # different starts on purpose
     freeze(nets.diffusion_unet)
