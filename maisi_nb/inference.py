@@ -115,7 +115,7 @@ def _as_list(v) -> list:
 
 def check_input(body_region, anatomy_list, output_size, spacing, controllable_anatomy_size=None,
                 limits:GenerationLimits=MAISI_LIMITS) -> None:
-    "MAISI's `check_input` (§3.4) against `limits`, with errors that name the key, the value and what is allowed."
+    "MAISI's `check_input` against `limits`, with errors that name the key, the value and what is allowed."
     check_grid(output_size, spacing, limits)
     if controllable_anatomy_size is None: return
     if len(controllable_anatomy_size): check_controllable_anatomy_size(controllable_anatomy_size)
@@ -1023,7 +1023,7 @@ def find_path(value, search_dirs=()) -> Path|None:
     if not value: return None
     p = Path(value)
     cands = [p] if p.is_absolute() else [Path(b) / p for b in search_dirs]
-    if str(value).endswith("all_anatomy_size_condtions.json"):  # upstream's misspelt name (§9.4): try the right one too
+    if str(value).endswith("all_anatomy_size_condtions.json"):  # upstream's misspelt name: try the right one too
         cands += [c.with_name("all_anatomy_size_conditions.json") for c in cands]
     return next((c for c in cands if c.exists() or c.with_name(c.name + ".zip").exists()), None)
 
