@@ -11,13 +11,13 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
 from .utils import progress, default_device, make_generator, randn
-from .labels import MODALITIES, UNCONDITIONAL_MODALITY, modality_id
-from .networks import VARIANTS, build_networks, check_variant
+from .labels import MODALITIES, UNCONDITIONAL_MODALITY, modality_id, check_modality, is_mr
+from .networks import VARIANTS, VARIANT_GRIDS, build_networks, check_variant, check_mr_grid, decode_latents, to_intensity
 
 # %% auto #0
 __all__ = ['make_scheduler', 'is_rflow', 'set_inference_timesteps', 'unwrap_model', 'model_conditioning', 'unet_forward',
            'make_generators', 'batch_randn', 'ddpm_step', 'check_guidance_scale', 'cfg_combine', 'guided_forward',
-           'default_guidance_scale', 'sample_latents']
+           'default_guidance_scale', 'sample_latents', 'generate_image_only']
 
 # %% ../nbs/00h_sampling.ipynb #4e9807b8
 def make_scheduler(kind:str="rflow", # "ddpm" (first release) or "rflow" (rectified flow)
@@ -241,3 +241,38 @@ def sample_latents(unet, scheduler,
             else: x = ddpm_step(scheduler, out, int(t), x, batch_randn(x.shape, gens, device) if t > 0 else None)
             if callback is not None: callback(i, t, x)
     return x
+
+# %% ../nbs/00h_sampling.ipynb #d5c3f011
+def generate_image_only(nets, # `MaisiNetworks` with autoencoder, diffusion UNet and noise scheduler
+                        output_size=None, spacing=None, # voxels / mm; default: the model's shipped grid
+                        modality=None, # name or code; default: the model's (CT = 1 without a variant)
+                        guidance_scale=None, # default: the model's shipped scale; 0: off
+                        num_inference_steps:int=None, seed:int=None, # default: the model's
+                        top_region_index=(0, 1, 0, 0), bottom_region_index=(0, 0, 1, 0), # read by DDPM UNets only
+                        sliding_window=((80, 80, 80), 0.4), # decoder windows (latent voxels) and overlap; None: whole
+                        check_grid:bool=True, # hold MR models to their grids (off for small test networks)
+                        latents:torch.Tensor=None, device=None, callback=None, progress_bar:bool=True) -> dict:
+    "One image without a mask: {'image' (X,Y,Z) float32 in HU or MR units, 'latents', 'modality', 'guidance_scale', 'seed', 'image_kind'}."
+    v = VARIANTS.get(nets.variant)
+    if nets.autoencoder is None or nets.diffusion_unet is None or nets.noise_scheduler is None:
+        raise ValueError("nets: image-only generation needs the autoencoder, the diffusion UNet and the noise scheduler")
+    output_size = list(output_size or (v.output_size if v else [])) or None
+    spacing = list(spacing or (v.spacing if v else [])) or None
+    if output_size is None or spacing is None: raise ValueError("output_size, spacing: required for networks of no released model")
+    m = modality if modality is not None else (v.modality if v else 1)
+    m = check_modality(m, v.name) if v else modality_id(m)
+    if check_grid and v is not None and v.name in VARIANT_GRIDS: output_size, spacing = check_mr_grid(output_size, spacing, v.name)
+    if len(output_size) != 3 or any(int(s) != s or s < 32 or s % 32 for s in output_size):
+        raise ValueError(f"output_size: expected 3 multiples of 32 (4 for the autoencoder × 8 for the UNet), got {output_size}")
+    s = check_guidance_scale(guidance_scale if guidance_scale is not None else (v.guidance_scale if v else None))
+    seed = int(seed if seed is not None else (v.seed if v else 0))
+    n = num_inference_steps or (v.num_inference_steps if v and v.version == nets.version else None)
+    unet, device = nets.diffusion_unet, default_device(device)
+    z = sample_latents(unet, nets.noise_scheduler, (1, unet.in_channels, *[int(x) // 4 for x in output_size]),
+                       spacing=spacing, top_region_index=top_region_index, bottom_region_index=bottom_region_index,
+                       modality=m, guidance_scale=s, num_inference_steps=n, seed=seed, latents=latents, device=device,
+                       callback=callback, progress_bar=progress_bar)
+    x = decode_latents(nets.autoencoder, z, nets.scale_factor, sliding_window=sliding_window, output_device="cpu")
+    kind = "mr" if is_mr(m) else "ct"
+    return {"image": to_intensity(x, kind)[0, 0].float(), "latents": z, "modality": m, "guidance_scale": s,
+            "seed": seed, "image_kind": kind}
