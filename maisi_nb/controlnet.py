@@ -420,10 +420,10 @@ def _prepare(a, need:tuple) -> tuple:
     train, val = split_by_fold(controlnet_records(env["json_data_list"], env["data_base_dir"]), fold)
     return cfg, train, val
 
-def _load_models(cfg:dict, model_def, device, controlnet_path) -> tuple:
-    "UNet (+ scale factor) and ControlNet set up MAISI's way, plus the scheduler."
+def _load_models(cfg:dict, model_def, device, controlnet_path, seed:int) -> tuple:
+    "UNet (+ scale factor) and ControlNet set up MAISI's way, plus the scheduler; `seed` initialises what no checkpoint sets."
     env = cfg["environment"]
-    nets = build_networks(model_def, device, which=("diffusion_unet", "controlnet", "noise_scheduler"))
+    nets = build_networks(model_def, device, which=("diffusion_unet", "controlnet", "noise_scheduler"), seed=seed)
     sf = torch.tensor(1.0)
     if env["trained_diffusion_path"]: sf = load_checkpoint(nets.diffusion_unet, env["trained_diffusion_path"], "diffusion_unet")["scale_factor"]
     else: warnings.warn("trained_diffusion_path: not set; using an untrained UNet and scale_factor 1.0 (as upstream)")
@@ -452,7 +452,7 @@ def train_controlnet_cli(argv=None):
     cfg, train, paths = _check_train_inputs(a)
     t, env, modality = cfg["controlnet_train"], cfg["environment"], cfg["controlnet_infer"]["modality"]
     rank, _, device = setup_distributed(a.device)
-    unet, cn, sch, sf = _load_models(cfg, a.model_def, device, None if a.resume else env["trained_controlnet_path"])
+    unet, cn, sch, sf = _load_models(cfg, a.model_def, device, None if a.resume else env["trained_controlnet_path"], a.seed)
     hist = train_controlnet(unet, cn, sch, train, n_epochs=t["n_epochs"], lr=t["lr"], batch_size=t["batch_size"],
                             cache_rate=t["cache_rate"], scale_factor=sf, weighted_loss_label=t["weighted_loss_label"],
                             weighted_loss=t["weighted_loss"], model_dir=env["model_dir"], exp_name=env["exp_name"],
@@ -475,7 +475,7 @@ def infer_controlnet_cli(argv=None):
     check_controlnet_records(val, build_networks(a.model_def, "meta", which=("diffusion_unet",)).diffusion_unet)
     inf, env = cfg["controlnet_infer"], cfg["environment"]
     _, _, device = setup_distributed(a.device)
-    unet, cn, sch, sf = _load_models(cfg, a.model_def, device, env["trained_controlnet_path"])
+    unet, cn, sch, sf = _load_models(cfg, a.model_def, device, env["trained_controlnet_path"], a.seed)
     ae = build_networks(a.model_def, device, which=("autoencoder",)).autoencoder
     load_checkpoint(ae, env["trained_autoencoder_path"], "autoencoder")
     window = (inf["autoencoder_sliding_window_infer_size"], inf["autoencoder_sliding_window_infer_overlap"])

@@ -97,7 +97,7 @@ def test_train_resume_refuse_then_infer(run, capsys):
     _cli_error(capsys, infer_controlnet_cli, base + ["--set", f"trained_controlnet_path={models / 'cn_test_current.pt'}"], "overwrite")
 
 def test_resume_errors_are_one_line(run, tmp_path, capsys):
-    "--resume with nothing to resume, a truncated state, a state or a checkpoint of another network: exit 2, one line."
+    "Same seed, same weights; --resume with nothing to resume, a truncated state, a state or a checkpoint of another network: exit 2, one line."
     from maisi_nb.controlnet import train_controlnet_cli
     from maisi_nb.training import load_state, save_state
     from maisi_nb.networks import build_networks, save_checkpoint
@@ -107,6 +107,9 @@ def test_resume_errors_are_one_line(run, tmp_path, capsys):
     _cli_error(capsys, train_controlnet_cli, base + ["--until_epoch", "0"], "--until_epoch: got 0")
     models = Path(run["env_dict"]["model_dir"]); models.mkdir(parents=True, exist_ok=True)
     assert train_controlnet_cli(base + ["--set", "exp_name=err", "n_epochs=1"]) == 0
+    assert train_controlnet_cli(base + ["--set", "exp_name=err_twin", "n_epochs=1"]) == 0     # same seed, same weights
+    a, b = (torch.load(models / f"{n}_current.pt", weights_only=True)["controlnet_state_dict"] for n in ("err", "err_twin"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
     state = models / "err_train_state.pt"; good = state.read_bytes()
     state.write_bytes(good[: len(good) // 2])
     _cli_error(capsys, train_controlnet_cli, base + ["--set", "exp_name=err", "n_epochs=1", "--resume"], "not a readable checkpoint")
