@@ -296,3 +296,40 @@ def test_full_size_mr_folders_load_strictly(tmp_path):
         sd = nets.diffusion_unet.state_dict()
         for k, v in probe.items(): assert torch.equal(sd[k], v), k
         del nets
+
+
+@pytest.mark.skipif(not V2.exists(), reason="NV-Generate v2 files not available")
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_v2_image_only_files_load_unchanged(variant):
+    from maisi_nb.networks import load_model_config
+    c = load_model_config(V2 / f"config_maisi_diff_model_{variant}.json", V2 / f"environment_maisi_diff_model_{variant}.json")
+    v = VARIANTS[variant]
+    assert c["variant"] == variant
+    inf = c["diffusion_unet_inference"]
+    assert (inf["dim"], inf["spacing"], inf["modality"], inf["cfg_guidance_scale"], inf["random_seed"]) == \
+           (list(v.output_size), list(v.spacing), v.modality, v.guidance_scale, v.seed)
+
+
+def test_modality_label_dropout():
+    from maisi_nb.labels import augment_modality_labels
+    codes = torch.tensor([2, 9, 29, 1] * 1000)
+    a = augment_modality_labels(codes, 0.1, torch.Generator().manual_seed(1))
+    assert torch.equal(a, augment_modality_labels(codes, 0.1, torch.Generator().manual_seed(1)))
+    assert set(a[codes == 2].tolist()) == {0, 1, 2} and set(a[codes == 29].tolist()) == {0, 8, 29}
+    assert set(a[codes == 1].tolist()) == {0, 1}
+    assert abs((a == 0).float().mean().item() - 0.1) < 0.02
+
+
+@pytest.mark.parametrize("preset,variant,modality,lo,hi", [("tiny", "rflow-mr-brain", "mri_flair_skull_stripped", 0, None),
+                                                           ("tiny-ddpm", "ddpm-ct", "ct", -1000, 1000)])
+def test_generate_image_only_units(preset, variant, modality, lo, hi):
+    from maisi_nb.sampling import generate_image_only
+    nets = build_networks(preset, "cpu", which=("autoencoder", "diffusion_unet", "noise_scheduler"), seed=0, variant=variant)
+    jitter(nets.diffusion_unet, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DDPM with few steps; guidance without class embedding
+        r = generate_image_only(nets, [32, 32, 32], [2.0, 2.0, 2.0], modality=modality, num_inference_steps=3,
+                                check_grid=False, device="cpu", progress_bar=False)
+    img = r["image"]
+    assert img.shape == (32, 32, 32) and img.min() >= lo and (hi is None or img.max() <= hi)
+    assert r["image_kind"] == ("mr" if lo == 0 else "ct") and r["guidance_scale"] == VARIANTS[variant].guidance_scale
