@@ -165,18 +165,23 @@ def guided_forward(unet, x:torch.Tensor, timesteps:torch.Tensor, # (B,4,X,Y,Z) l
                   ) -> torch.Tensor:
     "Both CFG branches as one doubled batch (conditional first), combined with `cfg_combine` (float32)."
     cc = None if controlnet is None else torch.cat([controlnet_cond, uncond_controlnet_cond])
-    out = unet_forward(unet, torch.cat([x, x]), torch.cat([timesteps, timesteps]), _cat(unet_kwargs, uncond_unet_kwargs),
-                       controlnet, cc, _cat(controlnet_kwargs, uncond_controlnet_kwargs)).float()
+    return _forward_pair(unet, x, timesteps, _cat(unet_kwargs, uncond_unet_kwargs), guidance_scale, controlnet, cc,
+                         _cat(controlnet_kwargs, uncond_controlnet_kwargs))
+
+def _forward_pair(unet, x, timesteps, kwargs2:dict, guidance_scale:float, controlnet=None, cond2=None, ckwargs2=None):
+    "`guided_forward` with the doubled inputs already concatenated (the loop builds them once, so a cached mask embedding stays valid)."
+    out = unet_forward(unet, torch.cat([x, x]), torch.cat([timesteps, timesteps]), kwargs2, controlnet, cond2, ckwargs2).float()
     return cfg_combine(*out.chunk(2), guidance_scale)
 
 # %% ../nbs/00h_sampling.ipynb #d5c3f003
-def _guidance(scale, unet, controlnet, controlnet_cond, controlnet_cond_uncond, uncond:dict, b:int, device) -> dict|None:
-    "The unconditional branch's inputs, or None when guidance is off (None, 0, 1) or would change nothing."
+def _guidance(scale, unet, controlnet, controlnet_cond, controlnet_cond_uncond, uncond:dict, b:int, device,
+              ukw:dict=None, ckw:dict=None) -> dict|None:
+    "Both branches' inputs concatenated once (conditional first), or None when guidance is off (None, 0, 1) or would change nothing."
     if controlnet_cond_uncond is not None and controlnet is None:
         raise ValueError("controlnet_cond_uncond: only used with a controlnet")
     if scale in (None, 0.0, 1.0): return None
-    ukw = model_conditioning(unet, b, **uncond)
-    ckw = model_conditioning(controlnet, b, **uncond) if controlnet is not None else None
+    uukw = model_conditioning(unet, b, **uncond)
+    uckw = model_conditioning(controlnet, b, **uncond) if controlnet is not None else None
     if controlnet is not None:
         if controlnet_cond_uncond is None:
             raise ValueError("controlnet_cond_uncond: guidance with a ControlNet needs the unconditional (tumour-free) mask's "
@@ -185,12 +190,13 @@ def _guidance(scale, unet, controlnet, controlnet_cond, controlnet_cond_uncond, 
         if controlnet_cond_uncond.shape != controlnet_cond.shape:
             raise ValueError(f"controlnet_cond_uncond: shape {tuple(controlnet_cond_uncond.shape)} differs from "
                              f"controlnet_cond's {tuple(controlnet_cond.shape)}")
-    labels = "class_labels" in ukw or (ckw is not None and "class_labels" in ckw)
+    labels = "class_labels" in uukw or (uckw is not None and "class_labels" in uckw)
     if not labels and (controlnet is None or torch.equal(controlnet_cond, controlnet_cond_uncond)):
         warnings.warn(f"guidance_scale={scale:g} has no effect here: the network has no class embedding and no "
                       "unconditional mask differs from the mask; sampling without guidance", stacklevel=3)
         return None
-    return {"scale": scale, "unet_kwargs": ukw, "controlnet_kwargs": ckw, "controlnet_cond": controlnet_cond_uncond}
+    cond2 = None if controlnet is None else torch.cat([controlnet_cond, controlnet_cond_uncond])
+    return {"scale": scale, "unet_kwargs": _cat(ukw, uukw), "controlnet_kwargs": _cat(ckw, uckw), "controlnet_cond": cond2}
 
 def default_guidance_scale(variant:str) -> float:
     "The guidance scale a released model ships with (`maisi_nb.networks.VARIANTS`)."
@@ -224,7 +230,7 @@ def sample_latents(unet, scheduler,
     ckw = model_conditioning(controlnet, b, **cond) if controlnet is not None else None
     if controlnet is not None: controlnet_cond = controlnet_cond.to(device)
     guide = _guidance(check_guidance_scale(guidance_scale), unet, controlnet, controlnet_cond, controlnet_cond_uncond,
-                      dict(cond, modality=unconditional_modality), b, device)
+                      dict(cond, modality=unconditional_modality), b, device, ukw, ckw)
     ts, nxt = set_inference_timesteps(scheduler, n, latent_shape[2:])
     x = (latents.to(device, torch.float32) if latents is not None else batch_randn(latent_shape, gens, device))
     dtype = dtype or (torch.float16 if device.type == "cuda" else None)
@@ -234,8 +240,8 @@ def sample_latents(unet, scheduler,
     with torch.inference_mode(), amp:
         for i, (t, t_next) in enumerate(progress(list(zip(ts, nxt)), desc="sampling", disable=None if progress_bar else True)):
             tt = torch.full((b,), float(t), device=device)
-            if guide: out = guided_forward(unet, x, tt, ukw, guide["unet_kwargs"], guide["scale"], controlnet,
-                                           controlnet_cond, ckw, guide["controlnet_cond"], guide["controlnet_kwargs"])
+            if guide: out = _forward_pair(unet, x, tt, guide["unet_kwargs"], guide["scale"], controlnet,
+                                          guide["controlnet_cond"], guide["controlnet_kwargs"])
             else: out = unet_forward(unet, x, tt, ukw, controlnet, controlnet_cond, ckw).float()
             if rf: x = scheduler.step(out, t, x, t_next)[0]
             else: x = ddpm_step(scheduler, out, int(t), x, batch_randn(x.shape, gens, device) if t > 0 else None)
