@@ -595,7 +595,8 @@ def load_pretrained(directory, # folder with released (or `save_pretrained`) che
                     **runtime) -> MaisiNetworks:
     "Build the networks that match the checkpoints in `directory` and load them strictly."
     variant, version, files = _locate(directory, version, variant)
-    if not files: raise FileNotFoundError(f"{directory}: no MAISI checkpoint found (looked for {RELEASED_FILES})")
+    if not files: raise FileNotFoundError(f"{directory}: no MAISI checkpoint found (looked for {RELEASED_FILES} and the MR "
+                                          f"models' { {n: VARIANTS[n].files for n in MR_VARIANTS} })")
     if config is None:
         config = _find_config(Path(directory), version or "rflow") or (
             variant if variant in MR_VARIANTS else f"maisi-{version or 'rflow'}")
