@@ -17,6 +17,7 @@ from .controlnet import make_controlnet_datalist, train_controlnet_cli
 from .inference import PIPELINE_FILE, MaisiPipeline, SMALL_LIMITS, demo_model_dir
 from .features import reconstruction_metrics
 from .utils import atomic_path, progress, save_json
+from .config import read_config, command_parser, cli_command
 
 # %% auto #0
 __all__ = ['DEMO_NETWORK', 'DEMO_ROLES', 'DEMO_RECIPE', 'STAGES', 'ATTRIBUTION', 'quick_recipe', 'check_recipe', 'make_demo_data',
@@ -104,6 +105,10 @@ def _run_cli(fn, argv:list, stage:str):
     except SystemExit as e: code = e.code
     if isinstance(code, int) and code != 0 or isinstance(code, str): raise RuntimeError(f"{stage}: {fn.__name__} exited with {code!r}")
 
+def _continue(w:Path, run:str) -> str:
+    "--resume when a killed earlier attempt left this stage's training state, else --overwrite (a fresh start)."
+    return "--resume" if (w / "models" / f"{run}_train_state.pt").is_file() else "--overwrite"
+
 def _vae_stage(w:Path, r:dict, device:str):
     env = save_json({"model_dir": str(w / "models"), "tfevent_path": str(w / "logs" / "vae"),
                      "json_data_list": str(w / "vae_datalist.json"), "data_base_dir": str(w),
@@ -112,7 +117,7 @@ def _vae_stage(w:Path, r:dict, device:str):
                      "autoencoder_train": {**r["vae"], "seed": r["seed"], "val_patch_size": None,
                                            "val_sliding_window_patch_size": r["output_size"]}},
                     w / "configs" / "config_vae_train.json", overwrite=True)
-    _run_cli(train_vae_cli, ["-c", cfg, "-e", env, "--device", device, "--overwrite"], "autoencoder")
+    _run_cli(train_vae_cli, ["-c", cfg, "-e", env, "--device", device, _continue(w, "autoencoder")], "autoencoder")
 
 def _diffusion_env(w:Path) -> Path:
     return save_json({"data_base_dir": str(w), "embedding_base_dir": str(w / "embeddings"),
@@ -128,7 +133,7 @@ def _latent_stage(w:Path, r:dict, device:str):
 def _diffusion_stage(w:Path, r:dict, device:str):
     mc = save_json({"diffusion_unet_train": r["diffusion"]}, w / "configs" / "config_diff_model.json", overwrite=True)
     _run_cli(train_diffusion_cli, ["--env_config", _diffusion_env(w), "--model_config", mc, "--model_def",
-                                   w / "configs" / "network.json", "--seed", r["seed"], "--device", device, "--overwrite"], "diffusion")
+                                   w / "configs" / "network.json", "--seed", r["seed"], "--device", device, _continue(w, "diff_unet_demo")], "diffusion")
 
 def _controlnet_stage(w:Path, r:dict, device:str):
     dl = make_controlnet_datalist(w / "datalist.json", w, w / "embeddings", w / "controlnet_datalist.json", overwrite=True)
@@ -137,7 +142,7 @@ def _controlnet_stage(w:Path, r:dict, device:str):
                      "data_base_dir": str(w), "json_data_list": str(dl)}, w / "configs" / "environment_controlnet.json", overwrite=True)
     tc = save_json({"controlnet_train": {**r["controlnet"], "fold": 0}}, w / "configs" / "config_controlnet_train.json", overwrite=True)
     _run_cli(train_controlnet_cli, ["-e", env, "-c", w / "configs" / "network.json", "-t", tc, "--seed", r["seed"],
-                                    "--device", device, "--overwrite"], "controlnet")
+                                    "--device", device, _continue(w, "controlnet_demo")], "controlnet")
 
 STAGES = {"autoencoder": (_vae_stage, "models/autoencoder.pt"), "latents": (_latent_stage, "embeddings/dataset_emb.json"),
           "diffusion": (_diffusion_stage, "models/diff_unet_demo.pt"),
@@ -312,26 +317,22 @@ def write_model_card(model_dir) -> Path:
     return d / "MODEL_CARD.md"
 
 # %% ../nbs/06_demo_model.ipynb #d75f32f0
+@cli_command("maisi_train_demo")
 def train_demo_cli(argv=None) -> int:
     "maisi_train_demo: train the bundled demo model with our training commands (fixed seeds)."
-    p = argparse.ArgumentParser(prog="maisi_train_demo", description=train_demo_cli.__doc__)
+    p = command_parser("maisi_train_demo", train_demo_cli.__doc__, seed=False)
     p.add_argument("--work-dir", required=True, help="folder for data, configs, checkpoints and logs")
     p.add_argument("--out", required=True, help="demo model folder to write (e.g. maisi_nb/demo_model)")
     p.add_argument("--recipe", default=None, help="recipe JSON (default: DEMO_RECIPE); 'quick' for the test-size recipe")
-    p.add_argument("--device", default="cpu")
     p.add_argument("--evaluate", type=int, default=20, help="held-out masks for the model card (0: skip)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing model in --out")
     p.add_argument("--restart", action="store_true", help="redo every stage instead of skipping finished ones")
     p.add_argument("--num-workers", type=int, default=1, help="processes for the phantoms")
     a = p.parse_args(argv)
-    try:
-        recipe = quick_recipe() if a.recipe == "quick" else json.loads(Path(a.recipe).read_text()) if a.recipe else None
-        if recipe is not None: check_recipe(recipe)
-        if (Path(a.out) / PIPELINE_FILE).exists() and not a.overwrite: raise FileExistsError(f"--out: {a.out} holds a model; pass --overwrite")
-    except (ValueError, FileNotFoundError, FileExistsError) as e: p.error(str(e))
-    facts = train_demo(a.out, a.work_dir, recipe, a.device, a.evaluate, a.overwrite, not a.restart, a.num_workers)
+    recipe = quick_recipe() if a.recipe == "quick" else read_config(a.recipe, "--recipe") if a.recipe else None
+    if recipe is not None: check_recipe(recipe)
+    if (Path(a.out) / PIPELINE_FILE).exists() and not a.overwrite: raise FileExistsError(f"--out: {a.out} holds a model; pass --overwrite")
+    facts = train_demo(a.out, a.work_dir, recipe, a.device or "cpu", a.evaluate, a.overwrite, not a.restart, a.num_workers)
     print(f"demo model written to {a.out}: " + json.dumps({k: v for k, v in facts.get("metrics", {}).items() if k != "per_mask"}))
-    return 0
 
 # %% ../nbs/06_demo_model.ipynb #71292b8a
 def demo_gallery(pipe:MaisiPipeline, body_regions=("chest", "abdomen", "chest,abdomen"), seed:int=0,
