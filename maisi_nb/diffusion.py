@@ -18,7 +18,7 @@ from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
 from monai.networks.schedulers.rectified_flow import timestep_transform
 from .utils import (in_test, progress, default_device, make_generator, randn, save_json,
                             spacing_from_affine, save_nifti, load_nifti)
-from .labels import MODALITIES, region_indices_from_mask
+from .labels import MODALITIES, modality_id, region_indices_from_mask
 from .data import latent_transforms, diffusion_transforms, REGION_KEYS, read_datalist, validate_dataset
 from .sampling import (make_scheduler, is_rflow, set_inference_timesteps, unwrap_model, model_conditioning,
                                unet_forward, make_generators, batch_randn, ddpm_step, sample_latents, _rows)
@@ -127,6 +127,10 @@ def embedding_name(image:str) -> str:
     "MAISI's latent file name for an image path: `.nii`/`.nii.gz` replaced by `_emb.nii.gz`."
     return image.replace(".gz", "").replace(".nii", "") + "_emb.nii.gz"
 
+def _modality(rec:dict) -> dict:
+    "{'modality': code} when the datalist record names its modality (e.g. the contrast phase of a CT), else {}."
+    return {"modality": modality_id(rec["modality"], "modality")} if rec.get("modality") is not None else {}
+
 def _regions(rec:dict, data_base_dir) -> dict:
     "top/bottom region one-hots from the record, else from its label mask, else {}."
     if "top_region_index" in rec and "bottom_region_index" in rec:
@@ -163,7 +167,7 @@ def make_latents(autoencoder, json_data_list, data_base_dir, embedding_base_dir,
         affine = img.affine.numpy()
         save_nifti(z.permute(1, 2, 3, 0).cpu().numpy().astype(np.float32), affine, emb, overwrite=True)
         save_json({"dim": list(z.shape[1:]), "spacing": list(spacing_from_affine(affine)),
-                   **_regions(rec, data_base_dir), "latent": "sample" if sample else "mean"}, side)
+                   **_regions(rec, data_base_dir), **_modality(rec), "latent": "sample" if sample else "mean"}, side)
     if dist.is_initialized(): dist.barrier()
     out = [{"image": embedding_name(r["image"]), "source": r["image"],
             **json.loads(Path(f"{out_dir / embedding_name(r['image'])}.json").read_text())} for r in recs]
@@ -237,8 +241,8 @@ def check_records(records:list, unet) -> None:
 
 # %% ../nbs/02_diffusion_train.ipynb #2df4ed4c
 def latent_dataset(records:list, cache_rate:float=0.0) -> monai.data.CacheDataset:
-    "MONAI dataset of latents (4,X,Y,Z) with float tensors 'spacing' and, when present, region one-hots."
-    regions = [k for k in REGION_KEYS if all(k in r for r in records)]
+    "MONAI dataset of latents (4,X,Y,Z) with float tensors 'spacing', and when every record has them, region one-hots and a modality code."
+    regions = [k for k in (*REGION_KEYS, "modality") if all(r.get(k) is not None for r in records)]
     recs = [{"image": r["image"], **{k: r[k] for k in ["spacing", *regions]}} for r in records]
     tf = monai.transforms.Compose([diffusion_transforms(scale=1.0),   # ×100 is applied by `model_conditioning`
                                    monai.transforms.EnsureTyped("image", track_meta=False)])
@@ -258,12 +262,12 @@ def save_diffusion_checkpoint(path, unet, scale_factor, epoch:int, loss:float, n
 # %% ../nbs/02_diffusion_train.ipynb #7d421bdd
 def diffusion_step(model, scheduler, batch:dict, # {"image": (B,4,X,Y,Z) unscaled latents, "spacing", region one-hots}
                    optimizer, scaler, scale_factor:float, generator:torch.Generator, modality=1, amp:bool=False) -> dict:
-    "One MAISI training iteration: x0 = latent · scale_factor, L1 `diffusion_loss` under autocast, scaled step."
+    "One MAISI training iteration: x0 = latent · scale_factor, L1 `diffusion_loss` under autocast, scaled step (a batch's own modality codes win over `modality`)."
     device = next(unwrap_model(model).parameters()).device
     x0 = batch["image"].to(device) * torch.tensor(scale_factor, dtype=torch.float32, device=device)
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-        loss = diffusion_loss(model, scheduler, x0, spacing=batch.get("spacing"), modality=modality, generator=generator,
+        loss = diffusion_loss(model, scheduler, x0, spacing=batch.get("spacing"), modality=batch.get("modality", modality), generator=generator,
                               top_region_index=batch.get("top_region_index"), bottom_region_index=batch.get("bottom_region_index"))
     amp_step(loss, optimizer, scaler)
     return {"loss": loss.item()}
