@@ -197,13 +197,13 @@ def make_controlnet_datalist(json_data_list, # image/label datalist ("training" 
         if not Path(f"{emb}.json").is_file(): raise FileNotFoundError(f"training[{i}]: latent {emb} not found (run make_latents first)")
         side = json.loads(Path(f"{emb}.json").read_text())
         out.append({"image": str(emb), "label": str(Path(data_base_dir) / r["label"]), "fold": r.get("fold", 0),
-                    "dim": side["dim"], "spacing": side["spacing"], **{k: side[k] for k in REGION_KEYS if k in side}})
+                    "dim": side["dim"], "spacing": side["spacing"], **{k: side[k] for k in (*REGION_KEYS, "modality") if k in side}})
     return write_datalist(out, path, data_base_dir=Path(path).parent, overwrite=overwrite)
 
 # %% ../nbs/03_controlnet.ipynb #34199e84
 def controlnet_dataset(records:list, cache_rate:float=0.0) -> monai.data.CacheDataset:
-    "MONAI dataset of {image: latent (4,x,y,z), label: (1,X,Y,Z) uint8, spacing, [regions]}."
-    regions = [k for k in REGION_KEYS if all(r.get(k) is not None for r in records)]
+    "MONAI dataset of {image: latent (4,x,y,z), label: (1,X,Y,Z) uint8, spacing, [regions], [modality code]}."
+    regions = [k for k in (*REGION_KEYS, "modality") if all(r.get(k) is not None for r in records)]
     recs = [{k: r[k] for k in ("image", "label", "spacing", *regions)} for r in records]
     tf = monai.transforms.Compose([controlnet_transforms(scale=1.0),
                                    monai.transforms.EnsureTyped(["image", "label"], track_meta=False)])
@@ -235,12 +235,13 @@ def _batch_to(batch:dict, key:str, device): return batch[key].to(device) if key 
 def _controlnet_step(unet, model, scheduler, opt, scaler, scale_factor, amp:bool, device, **loss_kw):
     "One ControlNet training step as MAISI's: zero grads, autocast forward, scaled backward and optimizer step."
     def step(batch:dict, generator:torch.Generator) -> dict:
+        kw = {**loss_kw, "modality": batch["modality"]} if "modality" in batch else loss_kw  # a record's own modality wins
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
             loss = controlnet_loss(unet, model, scheduler, batch["image"].to(device) * scale_factor, batch["label"].to(device),
                                    spacing=_batch_to(batch, "spacing", device), generator=generator,
                                    top_region_index=_batch_to(batch, "top_region_index", device),
-                                   bottom_region_index=_batch_to(batch, "bottom_region_index", device), **loss_kw)
+                                   bottom_region_index=_batch_to(batch, "bottom_region_index", device), **kw)
         amp_step(loss, opt, scaler)
         return {"loss": loss.item()}
     return step
