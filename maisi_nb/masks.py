@@ -8,10 +8,10 @@ import argparse, difflib, json, os, sys, zipfile
 from pathlib import Path
 import numpy as np
 import torch
-from skimage.measure import label as connected_components
 from skimage.morphology import convex_hull_image
 from monai.data import MetaTensor
 from monai.transforms import Orientation, Spacing, ResizeWithPadOrCrop, RandAffine, Rand3DElastic, RandZoom
+from monai.transforms.utils import get_largest_connected_component_mask
 from monai.transforms.utils_morphological_ops import dilate, erode
 from .labels import (LABELS, ALIASES, BODY_ID, BODY_REGIONS, TUMOR_IDS, TUMOR_HOSTS, CONTROLLABLE_ANATOMIES,
                              label_id, label_name, body_region_index, region_one_hot, region_indices_from_mask,
@@ -91,9 +91,7 @@ def keep_largest_component(mask:np.ndarray) -> np.ndarray:
     mask = np.asarray(mask, bool)
     out, box = np.zeros_like(mask), _bbox(mask)
     if box is None: return out
-    cc = connected_components(mask[box], connectivity=3)
-    counts = np.bincount(cc.ravel()); counts[0] = 0
-    out[box] = cc == counts.argmax()
+    out[box] = get_largest_connected_component_mask(mask[box], connectivity=3)
     return out
 
 # %% ../nbs/00f_masks.ipynb #3b8c4dbb
@@ -531,7 +529,7 @@ def _refine_lung_tumor(d, organ_removed, device):
         for _ in range(3): d[_closing_fill(d, l, device=device)] = l
 
 def _refine_hepatic_tumor(d, target, organ_removed, gut_removed, device):
-    "Hepatic tumour: refill liver/spleen, regrow the tumour, keep the liver complex's largest part (bug 15 fixed)."
+    "Hepatic tumour: refill liver/spleen, regrow the tumour, keep the liver complex's largest part."
     for _ in range(2): d[_fill_into(d, 1, gut_removed, device)] = 1
     for _ in range(2): d[_fill_into(d, 3, organ_removed, device)] = 3
     d[_fill_into(d, 26, _dil(d == 26, 2, device) & organ_removed, device)] = 26
