@@ -4,12 +4,17 @@
 
 # %% ../nbs/000_utils.ipynb #04ad9484
 from __future__ import annotations
-import contextlib, json, os, tempfile, zlib
+import contextlib, json, logging, os, tempfile, warnings, zlib
 from pathlib import Path
 import numpy as np
 import torch
 import nibabel as nib
+from nibabel.affines import from_matvec, voxel_sizes
 from tqdm.auto import tqdm
+
+# MONAI's LoadImage tries an optional GPU DICOM decoder (nvImageCodec) whenever pydicom is installed, and warns each time it is absent
+warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
 
 # %% auto #0
 __all__ = ['in_test', 'progress', 'default_device', 'make_generator', 'randn', 'atomic_path', 'save_json', 'torch_save',
@@ -101,13 +106,11 @@ def check_output_dir(path, what:str="output_dir", create:bool=True) -> Path:
 # %% ../nbs/000_utils.ipynb #aec735c8
 def spacing_from_affine(affine) -> tuple:
     "Voxel spacing (mm) as the column norms of a 4x4 affine."
-    a = np.asarray(affine, dtype=np.float64)
-    return tuple(float(v) for v in np.sqrt((a[:3, :3] ** 2).sum(0)))
+    return tuple(float(v) for v in voxel_sizes(np.asarray(affine, dtype=np.float64)))
 
 def affine_from_spacing(spacing, origin=(0.0, 0.0, 0.0)) -> np.ndarray:
     "A RAS affine with `spacing` on the diagonal and `origin` as translation."
-    a = np.eye(4); a[[0, 1, 2], [0, 1, 2]] = spacing; a[:3, 3] = origin
-    return a
+    return from_matvec(np.diag(np.broadcast_to(np.asarray(spacing, np.float64), 3)), np.asarray(origin, np.float64))
 
 def save_nifti(array, affine, path, overwrite:bool=False, dtype=None):
     "Save a 3D array as NIfTI atomically (refuses to replace an existing file unless `overwrite`)."
