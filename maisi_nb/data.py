@@ -322,6 +322,10 @@ def read_datalist(path, # datalist JSON file
 # %% ../nbs/00b_data.ipynb #e0b7d948
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
+def _is_nifti(p:Path) -> bool:
+    "A NIfTI file name, not hidden (a leading '.' marks e.g. the temp file of an interrupted write)."
+    return p.name.endswith(_NIFTI_SUFFIXES) and not p.name.startswith(".")
+
 def _case_name(p:Path) -> str:
     name = next((p.name[:-len(s)] for s in _NIFTI_SUFFIXES if p.name.endswith(s)), p.stem)
     return name[:-5] if name.endswith("_0000") else name
@@ -333,11 +337,11 @@ def folder_datalist(image_dir, # folder of NIfTI images
     "Records `{image[, label]}` for every NIfTI file in `image_dir`, sorted by name."
     image_dir = Path(image_dir)
     if not image_dir.is_dir(): raise FileNotFoundError(f"image_dir {image_dir} is not a folder")
-    images = sorted(p for p in image_dir.iterdir() if p.name.endswith(_NIFTI_SUFFIXES))
+    images = sorted(p for p in image_dir.iterdir() if _is_nifti(p))
     if not images: raise ValueError(f"image_dir {image_dir} holds no .nii/.nii.gz files")
     recs = [{"image": str(p)} for p in images]
     if label_dir is None: return recs
-    labels = {_case_name(p): p for p in Path(label_dir).iterdir() if p.name.endswith(_NIFTI_SUFFIXES)}
+    labels = {_case_name(p): p for p in Path(label_dir).iterdir() if _is_nifti(p)}
     missing = [p.name for p in images if _case_name(p) not in labels]
     if missing and require_labels:
         raise FileNotFoundError(f"label_dir {label_dir} has no label for {len(missing)} image(s): {missing[:10]}")
