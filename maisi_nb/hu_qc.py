@@ -225,6 +225,7 @@ def verdict(self:QCResult) -> str:
 
 @patch
 def __str__(self:QCResult) -> str:
+    "A table of the per-group checks followed by the overall verdict."
     return f"{text_table(self.to_records(), _QC_COLUMNS)}\nquality check ({self.rule} rule): {self.verdict()}"
 
 @patch
