@@ -468,12 +468,14 @@ def main(argv=None):
         if run.note: print(f"note: {run.note}", file=sys.stderr)
         res = {"phantoms": {}, "real_ct": {}, "grid": [run.pipe.output_size, run.pipe.spacing],
                "phases": run.phases, "regions": ["+".join(m[2]) for m in run.masks]}
+        log = lambda what: print(f"[{time.time() - t_all:.0f} s] {name}: {what}", file=sys.stderr, flush=True)
+        log("references ready")
         for s in a.steps:
-            res["phantoms"][s] = run.phantom_row(run.pipe, s)
+            res["phantoms"][s] = run.phantom_row(run.pipe, s); log(f"{s} steps on the held-out masks")
             rows.append((name, s, res["phantoms"][s])); hu_rows.append((name, s, res["phantoms"][s]))
             if a.real_seeds:
                 res["real_ct"][s] = run.real_row(run.pipe, s); real_rows.append((name, s, res["real_ct"][s]))
-        res["autoencoder"] = ae = run.autoencoder_rows()
+        res["autoencoder"] = ae = run.autoencoder_rows(); log("autoencoder round trip")
         if is_base: base_kid = res["phantoms"][a.steps[0]]["kid"]
         if a.diagnose:
             hi = a.steps[0]
