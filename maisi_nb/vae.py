@@ -421,13 +421,21 @@ def fit(self:VAETrainer, train_ds, # this rank's training dataset
     return self.records
 
 @patch(as_prop=True)
-def records(self:VAETrainer) -> list: return [] if self.trainer is None else self.trainer.records
+def records(self:VAETrainer) -> list:
+    "One dict of losses and metrics per finished epoch (empty before training)."
+    return [] if self.trainer is None else self.trainer.records
 @patch(as_prop=True)
-def history(self:VAETrainer) -> dict: return {} if self.trainer is None else self.trainer.history
+def history(self:VAETrainer) -> dict:
+    "Per-step loss and learning rate, per-epoch losses and records (what `plot_history` draws)."
+    return {} if self.trainer is None else self.trainer.history
 @patch(as_prop=True)
-def epoch(self:VAETrainer) -> int: return 0 if self.trainer is None else self.trainer.epoch
+def epoch(self:VAETrainer) -> int:
+    "Number of epochs trained so far, resumed ones included."
+    return 0 if self.trainer is None else self.trainer.epoch
 @patch(as_prop=True)
-def best_val_loss(self:VAETrainer) -> float: return math.inf if self.trainer is None else self.trainer.best
+def best_val_loss(self:VAETrainer) -> float:
+    "Lowest validation loss so far (inf before the first validation)."
+    return math.inf if self.trainer is None else self.trainer.best
 
 # %% ../nbs/01_vae_train.ipynb #0d9845e5
 def reconstruct(autoencoder:nn.Module, images:torch.Tensor, # (B,1,X,Y,Z) in [0,1], any size
