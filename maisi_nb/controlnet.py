@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from fastcore.basics import listify
 import monai
 from monai.networks.utils import copy_model_state
 from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
@@ -65,13 +66,11 @@ CONTROLNET_RULES = {
     "data_base_dir": _PATHS, "json_data_list": _PATHS}
 
 # %% ../nbs/03_controlnet.ipynb #67ac9d12
-def _as_list(v) -> list: return [] if v is None else [v] if isinstance(v, (str, os.PathLike)) else list(v)
-
 def validate_controlnet_config(cfg:dict) -> dict:
     "Check every value of a merged ControlNet config (ValueError naming the key, the value and what is allowed)."
     for sec, vals in cfg.items(): check_fields(vals, CONTROLNET_RULES, sec)
     env = cfg["environment"]
-    env["data_base_dir"], env["json_data_list"] = _as_list(env["data_base_dir"]), _as_list(env["json_data_list"])
+    env["data_base_dir"], env["json_data_list"] = listify(env["data_base_dir"]), listify(env["json_data_list"])
     if len(env["data_base_dir"]) != len(env["json_data_list"]):
         raise ValueError(f"data_base_dir: {len(env['data_base_dir'])} folder(s) for {len(env['json_data_list'])} "
                          f"json_data_list file(s); give one base folder per datalist")
@@ -148,7 +147,7 @@ def controlnet_records(json_data_list, # one datalist JSON or a list of them
                        data_base_dir, # the base folder of each datalist (same length)
                       ) -> list:
     "Records of one or several ControlNet datalists, `image` and `label` joined to their datalist's base folder."
-    lists, bases = _as_list(json_data_list), _as_list(data_base_dir)
+    lists, bases = listify(json_data_list), listify(data_base_dir)
     if not lists: raise ValueError("json_data_list: no datalist given")
     if len(lists) != len(bases):
         raise ValueError(f"data_base_dir: {len(bases)} folder(s) for {len(lists)} json_data_list file(s)")
