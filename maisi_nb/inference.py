@@ -27,20 +27,23 @@ from .masks import (to_anatomy_ids, check_controllable_anatomy_size, prepare_siz
 from .hu_qc import quality_check, QCResult, ORGAN_GROUPS, NONFINITE
 from .phantoms import make_phantom, show_ct, WINDOWS, parse_regions
 from .config import command_parser, cli_command, unknown_key_error
-from .training import is_temp_file
+from .training import is_temp_file, setup_distributed
+from .dicom import save_dicom, load_dicom_series, load_dicom_seg
+import torch.distributed as dist
 
 
 # %% auto #0
 __all__ = ['INFER_DEFAULTS', 'INDIRECTION_KEYS', 'OUTPUT_EXTS', 'MAISI_LIMITS', 'SMALL_LIMITS', 'PRESET_LIMITS',
-           'RECOMMENDED_GRIDS', 'DEFAULT_SIZE_CONDITION', 'MASK_SOURCES', 'FAST_DEFAULTS', 'PIPELINE_FILE',
-           'NO_WEIGHTS_MESSAGE', 'ENV_WEIGHT_KEYS', 'ENV_KEYS', 'GenerationLimits', 'check_grid', 'check_input',
-           'recommended_grid', 'check_fov', 'check_infer_config', 'sample_mask_latents', 'decode_mask',
+           'RECOMMENDED_GRIDS', 'DEFAULT_SIZE_CONDITION', 'MASK_SOURCES', 'FAST_DEFAULTS', 'OUTPUT_FORMATS',
+           'PIPELINE_FILE', 'NO_WEIGHTS_MESSAGE', 'ENV_WEIGHT_KEYS', 'ENV_KEYS', 'GenerationLimits', 'check_grid',
+           'check_input', 'recommended_grid', 'check_fov', 'check_infer_config', 'sample_mask_latents', 'decode_mask',
            'size_condition', 'CachedConditionEmbedding', 'fast_inference', 'MaskGenerator', 'limits_for',
-           'MaisiPipeline', 'user_mask_grid', 'GenerationPlan', 'sample_seed', 'output_files', 'check_outputs_free',
-           'complete_sample', 'temp_files', 'memory_budget', 'GeneratedSample', 'output_label', 'GenerationResult',
-           'NonFiniteOutputError', 'software_versions', 'render_slices', 'label_legend', 'sidecar', 'load_sample',
-           'find_released_data', 'demo_model_dir', 'default_pipeline', 'find_path', 'pipeline_from_environment',
-           'read_environment', 'infer_settings', 'generate_cli']
+           'MaisiPipeline', 'user_mask_grid', 'GenerationPlan', 'sample_seed', 'shard_indices', 'check_output_format',
+           'output_files', 'check_outputs_free', 'complete_sample', 'temp_files', 'memory_budget', 'GeneratedSample',
+           'output_label', 'GenerationResult', 'NonFiniteOutputError', 'software_versions', 'render_slices',
+           'label_legend', 'sidecar', 'load_sample', 'manifest_line', 'write_manifest', 'read_manifest',
+           'merge_manifests', 'find_released_data', 'demo_model_dir', 'default_pipeline', 'find_path',
+           'pipeline_from_environment', 'read_environment', 'infer_settings', 'generate_cli']
 
 # %% ../nbs/04_inference.ipynb #463c6b07
 INFER_DEFAULTS = {  # config_infer keys -> defaults; None for output_size/spacing means "the model's default grid"
@@ -488,6 +491,10 @@ class GenerationPlan:
     files: list|None = None  # per sample {kind: Path} when writing
     latents: torch.Tensor|None = None  # (N,C,X/4,Y/4,Z/4) starting noise of each sample's first attempt
     done: dict = field(default_factory=dict)  # resume: {sample index: its sidecar} of samples already complete on disk
+    indices: list|None = None  # the sample indices this process makes (its shard); None: all
+    shard: tuple = (0, 1)  # (shard index, number of shards)
+    output_format: str = "nifti"  # nifti, dicom or both
+    manifest: bool = False  # write manifest_shard{i}.jsonl (and manifest.jsonl once every shard is complete)
 
 @patch
 def resolve_scheduler(self:MaisiPipeline, scheduler=None):
@@ -503,14 +510,30 @@ def sample_seed(seed:int, i:int) -> int:
     "The seed of sample `i` of a run (independent of how many samples the run has)."
     return int(np.random.SeedSequence([int(seed), int(i)]).generate_state(1)[0] >> 1)
 
+def shard_indices(n:int, num_shards:int=1, shard_index:int=0) -> list:
+    "The sample indices shard `shard_index` of `num_shards` makes: every `num_shards`-th, from `shard_index` (round robin)."
+    _int_in(num_shards, "num_shards", 1)
+    _int_in(shard_index, "shard_index", 0, num_shards - 1)
+    return list(range(shard_index, n, num_shards))
+
 # %% ../nbs/04_inference.ipynb #1cd8fe7b
-def output_files(output_dir, prefix:str, seed:int, n:int, image_ext=".nii.gz", label_ext=".nii.gz", preview=True) -> list:
-    "Per sample {'image', 'label', 'preview', 'sidecar'} paths, named by prefix, seed and index."
+OUTPUT_FORMATS = ("nifti", "dicom", "both")
+
+def check_output_format(output_format) -> str:
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"output_format: expected one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}")
+    return output_format
+
+def output_files(output_dir, prefix:str, seed:int, n:int, image_ext=".nii.gz", label_ext=".nii.gz", preview=True,
+                 output_format:str="nifti") -> list:
+    "Per sample {'image', 'label' (NIfTI) and/or 'dicom' (a folder), 'preview', 'sidecar'} paths, named by prefix, seed and index."
     if not prefix or any(c in str(prefix) for c in "/\\"): raise ValueError(f"output_prefix: expected a plain file-name prefix, got {prefix!r}")
+    check_output_format(output_format)
     d, out = Path(output_dir), []
     for i in range(n):
         stem = f"{prefix}_seed{seed}_{i:03d}"
-        f = {"image": d / f"{stem}_image{image_ext}", "label": d / f"{stem}_label{label_ext}"}
+        f = {"image": d / f"{stem}_image{image_ext}", "label": d / f"{stem}_label{label_ext}"} if output_format != "dicom" else {}
+        if output_format != "nifti": f["dicom"] = d / f"{stem}_dicom"   # CT series ct/*.dcm + segmentation seg.dcm
         if preview: f["preview"] = d / f"{stem}_preview.png"
         out.append(f | {"sidecar": d / f"{stem}.json"})
     return out
@@ -532,7 +555,7 @@ def complete_sample(files:dict, i:int, seed:int) -> dict|None:
     if not isinstance(meta, dict) or meta.get("format") != "maisi_nb.generation": return None
     if meta.get("sample_index") != i or meta.get("seed") != seed: return None
     names = {k: Path(v).name for k, v in files.items()}
-    if meta.get("files") != names or not all(Path(v).is_file() for v in files.values()): return None
+    if meta.get("files") != names or not all(Path(v).exists() for v in files.values()): return None
     return meta
 
 def temp_files(files:list) -> list:
@@ -540,7 +563,11 @@ def temp_files(files:list) -> list:
     names = {Path(p).name for f in files for p in f.values()}
     dirs = {Path(p).parent for f in files for p in f.values()}
     return sorted(p for d in dirs if d.is_dir() for p in d.glob(".*")
-                  if p.is_file() and is_temp_file(p) and any(p.name.startswith(f".{n}.") for n in names))
+                  if (p.is_file() and is_temp_file(p) or p.is_dir()) and any(p.name.startswith(f".{n}.") for n in names))
+
+def _remove(p:Path) -> None:
+    if p.is_dir(): shutil.rmtree(p, ignore_errors=True)
+    else: p.unlink(missing_ok=True)
 
 def _json_form(x): return json.loads(json.dumps(x, default=str))
 
@@ -578,10 +605,15 @@ def _check_splits(self:MaisiPipeline, c:dict) -> None:
 def prepare(self:MaisiPipeline, config:dict, seed:int|None=None, scheduler=None, mask=None, mask_source:str|None=None,
             label_ids:str="global", augment:bool=True, qc:bool=True, max_attempts:int=3, output_dir=None,
             overwrite:bool=False, output_prefix:str="sample", preview:bool=True, latents=None,
-            resume:bool=False) -> GenerationPlan:
+            resume:bool=False, num_shards:int=1, shard_index:int=0, manifest:bool=False,
+            output_format:str="nifti") -> GenerationPlan:
     "Check a request completely (settings, grid, mask source, output files) without heavy work."
     c = check_infer_config(config)
     _check_options(label_ids, max_attempts, seed)
+    check_output_format(output_format)
+    indices = shard_indices(c["num_output_samples"], num_shards, shard_index)
+    if num_shards > 1 and seed is None:
+        raise ValueError("seed: sharded generation needs the run's seed, the same in every shard (its files are named by it)")
     if resume and (output_dir is None or seed is None or overwrite):
         raise ValueError("resume: needs output_dir and the seed of the interrupted run, and excludes overwrite "
                          "(resume keeps complete samples, overwrite replaces them)")
@@ -604,15 +636,18 @@ def prepare(self:MaisiPipeline, config:dict, seed:int|None=None, scheduler=None,
     seed = int(np.random.SeedSequence().entropy % 2**31) if seed is None else int(seed)
     n, opts = c["num_output_samples"], dict(label_ids=label_ids, augment=augment, qc=qc, max_attempts=max_attempts,
         scheduler="rflow" if is_rflow(sched) else "ddpm", mask=None if mask is None else str(mask) if isinstance(mask, (str, Path)) else "<array>")
-    files = None if output_dir is None else output_files(output_dir, output_prefix, seed, n, c["image_output_ext"], c["label_output_ext"], preview)
-    done = {i: m for i, f in enumerate(files) if (m := complete_sample(f, i, seed))} if resume else {}
+    files = None if output_dir is None else output_files(output_dir, output_prefix, seed, n, c["image_output_ext"], c["label_output_ext"], preview,
+                                                     output_format)
+    done = {i: m for i in indices if (m := complete_sample(files[i], i, seed))} if resume else {}
     for i, m in done.items():
         diff = sorted(k for k in set(m["config"]) | set(c) if m["config"].get(k) != _json_form(c).get(k))
         diff += sorted(k for k in opts if m["options"].get(k) != _json_form(opts)[k])
         if diff: raise ValueError(f"resume: {files[i]['sidecar']} was made with other settings ({', '.join(diff)} differ); "
                                   "resume with the same settings, or use another output_dir")
-    if files: check_outputs_free(files, overwrite or resume)
-    plan = GenerationPlan(c, src, sched, seed, opts, files=files, latents=self._check_latents(latents, c), done=done)
+    if files: check_outputs_free([files[i] for i in indices], overwrite or resume)   # only this shard's: others may be writing
+    plan = GenerationPlan(c, src, sched, seed, opts, files=files, latents=self._check_latents(latents, c), done=done,
+                          indices=indices, shard=(shard_index, num_shards), manifest=bool(manifest and files),
+                          output_format=output_format)
     if src == "user": plan.user_mask = self.user_mask(mask, c["output_size"], c["spacing"], c["anatomy_list"], c["body_region"])
     if src == "database": plan.records = self.database_candidates(c["body_region"], c["anatomy_list"], c["output_size"],
                                                                    c["spacing"], n, make_generator(seed))
@@ -685,6 +720,7 @@ class GeneratedSample:
     timings: dict  # seconds per stage
     files: dict = field(default_factory=dict)  # written files, after `save`
     resumed: bool = False  # read back from a complete earlier run (`resume`) rather than generated now
+    index: int|None = None  # its position in the run (0..num_output_samples-1): names its files, fixes its seed
 
 def output_label(label:np.ndarray, mode:str="global", ids=()) -> np.ndarray:
     "The label as written: global MAISI ids, or upstream's 1..N by position in `ids` (all else 0)."
@@ -793,7 +829,7 @@ def _generate_sample(self:MaisiPipeline, plan:GenerationPlan, i:int, callback=No
     lab = ms["label"][0, 0].cpu().numpy().astype(np.uint8)
     return GeneratedSample(hu.numpy().astype(np.float32), output_label(lab, opts["label_ids"], self._anatomy_ids(c)), lab,
                            np.asarray(ms["affine"], float), list(c["spacing"]), q, attempts, ms["info"], seed,
-                           {k: round(v, 3) for k, v in t.items()})
+                           {k: round(v, 3) for k, v in t.items()}, index=i)
 
 
 # %% ../nbs/04_inference.ipynb #a15bc4b1
@@ -814,14 +850,26 @@ def run(self:MaisiPipeline, plan:GenerationPlan, callback=None, progress_bar:boo
     "Generate the samples of a prepared request; with output files each sample is written as soon as it is made."
     t0, n = time.perf_counter(), plan.config["num_output_samples"]
     res = GenerationResult([], plan.config, plan.seed, plan.options, self.model_info(), {"total": 0.0})
+    idx, (k, K) = plan.indices if plan.indices is not None else list(range(n)), plan.shard
     if plan.files:
-        check_output_dir(Path(plan.files[0]["sidecar"]).parent, "output_dir")
-        for p in temp_files(plan.files): p.unlink(missing_ok=True)   # left by an interrupted run
-    ids = self._anatomy_ids(plan.config)
-    for i in progress(range(n), desc="samples", disable=None if progress_bar and n > 1 else True):
-        if i in plan.done: res.samples.append(load_sample(plan.files[i], plan.done[i])); continue
-        res.samples.append(self._generate_sample(plan, i, callback, progress_bar))
-        if plan.files: res._write_sample(i, plan.files[i], ids)
+        out = Path(plan.files[0]["sidecar"]).parent
+        check_output_dir(out, "output_dir")
+        for p in temp_files([plan.files[i] for i in idx] + ([{"m": out / f"manifest_shard{k}.jsonl"}] if plan.manifest else [])): _remove(p)   # this shard's, left by an interrupted run
+    ids, lines = self._anatomy_ids(plan.config), {}
+    bar = progress(total=n if K > 1 and plan.files else len(idx), desc="samples" if K == 1 else f"samples (shard {k} of {K} writing)",
+                   disable=None if progress_bar and n > 1 else True)
+    for i in idx:
+        if i in plan.done: res.samples.append(load_sample(plan.files[i], plan.done[i])); meta = plan.done[i]
+        else:
+            res.samples.append(self._generate_sample(plan, i, callback, progress_bar))
+            meta = res._write_sample(len(res.samples) - 1, plan.files[i], ids) if plan.files else None
+        if plan.manifest:
+            lines[i] = manifest_line(meta, plan.shard, resumed=i in plan.done)
+            write_manifest(out / f"manifest_shard{k}.jsonl", [lines[j] for j in sorted(lines)])
+        if K > 1 and plan.files: bar.n = sum(Path(f["sidecar"]).is_file() for f in plan.files); bar.refresh()   # the run's overall count
+        else: bar.update(1)
+    bar.close()
+    if plan.manifest: merge_manifests(out, strict=False)   # the last shard to finish writes manifest.jsonl
     res.timings["total"] = time.perf_counter() - t0
     return res
 
@@ -853,11 +901,15 @@ def __call__(self:MaisiPipeline,
              progress_bar:bool=True,
              latents:torch.Tensor=None, # (num_output_samples,4,X/4,Y/4,Z/4) starting noise of each first attempt (retries draw from the seed)
              resume:bool=False, # keep the complete samples already in output_dir (same seed and settings), make the rest
+             num_shards:int=1, shard_index:int=0, # make only samples shard_index, shard_index + num_shards, ... (needs seed)
+             output_format:str="nifti", # nifti, dicom (a CT series and a DICOM Segmentation per sample) or both
+             manifest:bool=False, # write output_dir/manifest_shard{shard_index}.jsonl, and manifest.jsonl when all are done
             ) -> GenerationResult:
     "Generate CT volumes (HU) with their masks and quality checks; written to `output_dir` when given."
     config = {k: v for k, v in locals().items() if k in INFER_DEFAULTS}
     plan = self.prepare(config, seed, scheduler, mask, mask_source, label_ids, augment, qc, max_attempts, output_dir,
-                        overwrite, output_prefix, preview, latents, resume)
+                        overwrite, output_prefix, preview, latents, resume,
+                        num_shards, shard_index, manifest, output_format)
     return self.run(plan, callback, progress_bar)
 
 # %% ../nbs/04_inference.ipynb #f19892da
@@ -889,7 +941,7 @@ def sidecar(result:GenerationResult, i:int, ids=()) -> dict:
     s = result.samples[i]
     return {"format": "maisi_nb.generation", "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "software": software_versions(), "model": result.model, "config": result.config, "options": result.options,
-            "seed": result.seed, "sample_index": i, "sample_seed": s.seed, "mask": s.mask,
+            "seed": result.seed, "sample_index": i if s.index is None else s.index, "sample_seed": s.seed, "mask": s.mask,
             "output_size": list(s.image.shape), "spacing": s.spacing, "affine": s.affine.tolist(),
             "label_ids": result.options["label_ids"], "label_legend": label_legend(s, result.options["label_ids"], ids),
             "qc": None if s.qc is None else s.qc.to_dict(), "attempts": s.attempts, "timings_s": s.timings,
@@ -897,25 +949,34 @@ def sidecar(result:GenerationResult, i:int, ids=()) -> dict:
 
 # %% ../nbs/04_inference.ipynb #72131bf9
 @patch
-def _write_sample(self:GenerationResult, i:int, f:dict, ids=()) -> None:
-    "Write sample `i` to the paths `f`; its sidecar goes last and so marks the sample complete."
+def _write_sample(self:GenerationResult, i:int, f:dict, ids=()) -> dict:
+    "Write `samples[i]` to the paths `f`; its sidecar goes last and so marks the sample complete (returns the sidecar)."
     s = self.samples[i]
     Path(f["sidecar"]).unlink(missing_ok=True)   # an old sidecar must not vouch for files being replaced
     tic = time.perf_counter()
-    save_nifti(s.image, s.affine, f["image"], overwrite=True, dtype=np.float32)
-    save_nifti(s.label, s.affine, f["label"], overwrite=True, dtype=np.uint8)
+    if "image" in f:
+        save_nifti(s.image, s.affine, f["image"], overwrite=True, dtype=np.float32)
+        save_nifti(s.label, s.affine, f["label"], overwrite=True, dtype=np.uint8)
+    if "dicom" in f:   # replaces a folder an interrupted run left without a sidecar (the files were checked free before)
+        save_dicom(s.image, s.mask_label, s.affine, f["dicom"], seed=s.seed, overwrite=True)
     if "preview" in f:
         with atomic_path(f["preview"]) as tmp: Path(tmp).write_bytes(render_slices(s.image, s.mask_label, s.spacing))
     s.files = dict(f)
     s.timings["write"] = round(time.perf_counter() - tic, 3)
-    save_json(sidecar(self, i, ids), f["sidecar"], overwrite=True)
+    meta = sidecar(self, i, ids)
+    save_json(meta, f["sidecar"], overwrite=True)
+    return meta
 
 @patch
 def save(self:GenerationResult, output_dir=None, overwrite:bool=False, prefix:str="sample", preview:bool=True,
-         files:list=None) -> list:
+         files:list=None, output_format:str="nifti") -> list:
     "Write every sample (image, label, preview PNG, JSON sidecar) atomically; returns their paths."
     c = self.config
-    files = files or output_files(output_dir, prefix, self.seed, len(self), c["image_output_ext"], c["label_output_ext"], preview)
+    pos = [k if s.index is None else s.index for k, s in enumerate(self.samples)]   # a shard's samples keep their run's names
+    if files is None:
+        allf = output_files(output_dir, prefix, self.seed, max(pos) + 1, c["image_output_ext"], c["label_output_ext"], preview,
+                            output_format)
+        files = [allf[p] for p in pos]
     check_output_dir(Path(files[0]["sidecar"]).parent, "output_dir")
     check_outputs_free(files, overwrite)
     ids = [label_id(n) for n, _ in c["controllable_anatomy_size"]] if c["controllable_anatomy_size"] else to_anatomy_ids(c["anatomy_list"])
@@ -924,11 +985,55 @@ def save(self:GenerationResult, output_dir=None, overwrite:bool=False, prefix:st
 
 def load_sample(files:dict, meta:dict) -> GeneratedSample:
     "A complete sample read back from its files and sidecar (`resume`); its `mask_label` is the written label."
-    img, aff = load_nifti(files["image"], np.float32)
-    lab = load_nifti(files["label"])[0].astype(np.uint8)
+    if "image" in files:
+        img, aff = load_nifti(files["image"], np.float32)
+        lab = load_nifti(files["label"])[0].astype(np.uint8)
+    else:
+        img, aff = load_dicom_series(Path(files["dicom"]) / "ct")
+        seg = Path(files["dicom"]) / "seg.dcm"
+        lab = load_dicom_seg(seg, (img.shape, aff))[0].astype(np.uint8) if seg.is_file() else np.zeros(img.shape, np.uint8)
     q = None if meta.get("qc") is None else QCResult.from_dict(meta["qc"])
     return GeneratedSample(img, lab, lab, np.asarray(aff, float), list(meta["spacing"]), q, meta["attempts"], meta["mask"],
-                           meta["sample_seed"], meta["timings_s"], dict(files), resumed=True)
+                           meta["sample_seed"], meta["timings_s"], dict(files), resumed=True, index=meta["sample_index"])
+
+def manifest_line(meta:dict, # a sample's sidecar
+                  shard=(0, 1), resumed:bool=False) -> dict:
+    "One manifest line: the sample's index, seeds, files, mask source, QC verdict, attempts and timings."
+    q = meta.get("qc")
+    return {"index": meta["sample_index"], "seed": meta["seed"], "sample_seed": meta["sample_seed"],
+            "num_output_samples": meta["config"]["num_output_samples"], "shard": shard[0], "num_shards": shard[1],
+            "files": meta["files"], "mask_source": meta["mask"].get("source"), "mask_file": meta["mask"].get("file"),
+            "qc": None if q is None else {k: q.get(k) for k in ("passed", "status", "failed")},
+            "attempts": len(meta["attempts"]), "timings_s": meta["timings_s"], "resumed": resumed}
+
+def write_manifest(path, lines:list) -> Path:
+    "Write JSON lines atomically."
+    with atomic_path(path) as tmp: Path(tmp).write_text("".join(json.dumps(l) + "\n" for l in lines))
+    return Path(path)
+
+def read_manifest(path) -> list:
+    "The lines of a manifest (JSON lines)."
+    return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+
+def merge_manifests(output_dir, strict:bool=True) -> Path|None:
+    "Merge `manifest_shard*.jsonl` into `manifest.jsonl` (index order) once every sample is in one; else an error (or None)."
+    d = Path(output_dir)
+    shards = sorted(d.glob("manifest_shard*.jsonl"), key=lambda p: p.stat().st_mtime_ns)   # the newest line of a sample wins
+    lines = {r["index"]: r for p in shards for r in read_manifest(p)}
+    if not lines:
+        if strict: raise FileNotFoundError(f"output_dir: no manifest_shard*.jsonl in {d}; run maisi_generate there first")
+        return None
+    runs = sorted({(r["seed"], r["num_output_samples"]) for r in lines.values()})
+    if len(runs) > 1:
+        msg = f"output_dir: {d} holds the manifests of several runs (seed, samples: {runs}); keep one run per output_dir"
+        if strict: raise ValueError(msg)
+        warnings.warn(msg); return None
+    missing = [i for i in range(runs[0][1]) if i not in lines]
+    if missing:
+        if strict: raise ValueError(f"output_dir: {len(missing)} of {runs[0][1]} samples are not complete yet (e.g. index "
+                                    f"{missing[0]}); run the missing shards (or --resume them), then merge")
+        return None
+    return write_manifest(d / "manifest.jsonl", [lines[i] for i in sorted(lines)])
 
 
 # %% ../nbs/04_inference.ipynb #8783714e
@@ -1148,6 +1253,14 @@ def _add_setting_flags(p:argparse.ArgumentParser) -> None:
     o.add_argument("--max-attempts", type=int, default=3, help="tries per sample while the quality check fails")
     o.add_argument("--no-qc", action="store_true"); o.add_argument("--no-augment", action="store_true")
     o.add_argument("--no-preview", action="store_true")
+    o.add_argument("--output-format", choices=OUTPUT_FORMATS, default="nifti",
+                   help="nifti, dicom (a CT series and a DICOM Segmentation per sample) or both (default nifti)")
+    b = p.add_argument_group("generation at scale (torchrun --nproc_per_node N maisi_generate ... splits the samples over N ranks)")
+    b.add_argument("--num-shards", type=int, default=1, metavar="K",
+                   help="split num_output_samples into K shards, one per process (job arrays; needs -s): the files do not depend on K")
+    b.add_argument("--shard-index", type=int, default=0, metavar="I", help="the shard this process makes, 0..K-1 (default 0)")
+    b.add_argument("--merge-manifests", action="store_true",
+                   help="only merge output_dir's manifest_shard*.jsonl into manifest.jsonl (the last shard to finish does it too)")
 
 # %% ../nbs/04_inference.ipynb #b4609a02
 def _cli_pipeline(a, env:dict) -> MaisiPipeline:
@@ -1183,15 +1296,33 @@ def generate_cli(argv=None) -> int:
     if a.resume and a.seed is None: raise ValueError("--resume: needs the seed (-s) of the interrupted run; its files are named by it")
     out = Path(a.output_dir or env.get("output_dir") or "output")
     check_output_dir(out, "output_dir (-o)", create=False)   # before the networks are loaded
+    if a.merge_manifests: print(f"merged: {merge_manifests(out)}"); return 0
+    _int_in(a.num_shards, "--num-shards", 1); _int_in(a.shard_index, "--shard-index", 0, a.num_shards - 1)
+    if a.num_shards > 1 and a.seed is None: raise ValueError("--num-shards: needs the run's seed (-s), the same in every shard")
+    rank, world = 0, 1
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:   # under torchrun: one rank per device (CPU ranks without GPUs)
+        rank, world, dev = setup_distributed(a.device); a.device = str(dev)
+        seed = [int(np.random.SeedSequence().entropy % 2**31) if a.seed is None else a.seed]
+        dist.broadcast_object_list(seed, src=0); a.seed = seed[0]   # every rank makes part of the same run
     default_device(a.device)
+    k, K = a.shard_index * world + rank, a.num_shards * world
     pipe = _cli_pipeline(a, env)
     res = pipe(**cfg, seed=a.seed, scheduler=a.scheduler, mask=a.mask, mask_source=a.mask_source, label_ids=a.label_ids,
                augment=not a.no_augment, qc=not a.no_qc, max_attempts=a.max_attempts, output_dir=out,
-               overwrite=a.overwrite, output_prefix=a.prefix, preview=not a.no_preview, resume=a.resume)
-    for i, s in enumerate(res.samples):
+               overwrite=a.overwrite, output_prefix=a.prefix, preview=not a.no_preview, resume=a.resume,
+               num_shards=K, shard_index=k, manifest=True, progress_bar=rank == 0,
+               output_format=a.output_format)
+    tag = f"[shard {k} of {K}] " if K > 1 else ""
+    for s in res.samples:
         verdict = "not checked (switched off)" if s.qc is None else s.qc.verdict()
         kept = "  (complete from the interrupted run)" if s.resumed else ""
-        print(f"sample {i}: {s.files['image']}  {s.files['label']}  QC {verdict} after {len(s.attempts)} attempt(s){kept}")
-    print(f"seed {res.seed}; {len(res)} sample(s) in {res.timings['total']:.1f} s")
+        files = "  ".join(str(s.files[k]) for k in ("image", "label", "dicom") if k in s.files)
+        print(f"{tag}sample {s.index}: {files}  QC {verdict} after {len(s.attempts)} attempt(s){kept}")
+    print(f"{tag}seed {res.seed}; {len(res)} sample(s) in {res.timings['total']:.1f} s")
+    if world > 1:
+        dist.barrier()   # every rank's samples and shard manifest are written
+        if rank == 0: merge_manifests(out)
+        dist.destroy_process_group()
+    if (out / "manifest.jsonl").is_file() and rank == 0: print(f"manifest: {out / 'manifest.jsonl'}")
     return 0
 
