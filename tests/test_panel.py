@@ -55,13 +55,20 @@ def test_cancel_background_thread(tiny, tmp_path):
     p.cancel_button.click(); p.thread.join(120)
     assert not p.thread.is_alive() and "cancelled" in p.status.value and p.result is None
 
-def test_capabilities_demo_model(tmp_path):
-    p = GenerationPanel(output_dir=tmp_path / "demo", background=False)  # demo model: no mask generator, has a modality input
+def test_no_mask_generator_greys_out(tiny, tmp_path):
+    from dataclasses import replace
+    bare = MaisiPipeline(replace(tiny.networks, mask_generation_autoencoder=None, mask_generation_diffusion=None))
+    p = GenerationPanel(bare, output_dir=tmp_path / "bare", background=False)
     assert not p.has_mask_generator and p.mask_steps.disabled and all(c.disabled and s.disabled for c, s in p.sizes.values())
-    assert not p.modality.disabled and p.settings()["modality"] == "ct"
     p.sizes["liver"][0].value = True; p.generate_button.click()
     assert "no mask generator" in p.status.value and p.result is None
-    p.sizes["liver"][0].value = False; p.modality.value = "ct_contrast"; p.steps.value = 2
+    q = GenerationPanel(tiny, output_dir=tmp_path / "full", background=False)
+    assert q.has_mask_generator and not q.mask_steps.disabled and not any(c.disabled for c, s in q.sizes.values())
+
+def test_demo_model_contrast(tmp_path):
+    p = GenerationPanel(output_dir=tmp_path / "demo", background=False)  # the demo model has a modality input
+    assert not p.modality.disabled and p.settings()["modality"] == "ct"
+    p.modality.value = "ct_contrast"; p.steps.value = 2
     p.generate_button.click()
     assert p.status.value.startswith("done"), p.status.value
     assert p.result.config["modality"] == 3                                 # contrast-enhanced CT's class label
