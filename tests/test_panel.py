@@ -116,3 +116,32 @@ def test_itk_geometry_errors_and_note():
     with pytest.raises(ValueError, match="affine: expected a 4x4"): itk_image_dict(vol, np.eye(3))
     with pytest.raises(ValueError, match=r"image: expected an \(X,Y,Z\) volume"): itk_image_dict(vol[0], np.eye(4))
     if _itkwidgets() is None: assert view_3d(vol, None, np.eye(4)) == VIEWER_NOTE
+
+def _tool(name):
+    import importlib, sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    try: return importlib.import_module(name)
+    finally: sys.path.pop(0)
+
+def test_local_3d_viewer_serves_viewer_and_files(tmp_path):
+    import urllib.request
+    lv = _tool("local_3d_viewer")
+    with pytest.raises(FileNotFoundError, match="--viewer: .* is not itk-vtk-viewer's dist folder"): lv.serve(tmp_path, [])
+    dist = tmp_path / "dist"; dist.mkdir()
+    (dist / "index.html").write_text("<html>viewer</html>"); (dist / "itkVtkViewer.js").write_text("//")
+    img = tmp_path / "s_image.nii.gz"; img.write_bytes(b"nifti bytes")
+    server, root, base = lv.serve(dist, [img])
+    try:
+        assert base.startswith("http://127.0.0.1:")
+        url = lv.viewer_url(base, img, tmp_path / "s_label.nii.gz")
+        assert url == f"{base}/viewer/index.html?image={base}/data/s_image.nii.gz&labelImage={base}/data/s_label.nii.gz"
+        assert urllib.request.urlopen(url, timeout=10).read() == b"<html>viewer</html>"
+        assert urllib.request.urlopen(f"{base}/data/s_image.nii.gz", timeout=10).read() == b"nifti bytes"
+    finally: server.shutdown()
+
+def test_panel_page_loads_nothing_from_the_network(tmp_path):
+    ps = _tool("panel_screenshot")
+    page = ps.panel_html(tmp_path / "panel.html", generate=False).read_text()
+    assert '<script src="embed.js"></script>' in page and "application/vnd.jupyter.widget-state+json" in page
+    assert "http://" not in page and "https://" not in page and (tmp_path / "embed.js").stat().st_size > 1_000_000
