@@ -195,7 +195,7 @@ def make_controlnet_datalist(json_data_list, # image/label datalist ("training" 
         emb = Path(embedding_base_dir) / embedding_name(r["image"])
         if not Path(f"{emb}.json").is_file(): raise FileNotFoundError(f"training[{i}]: latent {emb} not found (run make_latents first)")
         side = json.loads(Path(f"{emb}.json").read_text())
-        out.append({"image": str(emb), "label": str(Path(data_base_dir) / r["label"]), "fold": r.get("fold", 0),
+        out.append({"image": str(emb.absolute()), "label": str((Path(data_base_dir) / r["label"]).absolute()), "fold": r.get("fold", 0),
                     "dim": side["dim"], "spacing": side["spacing"], **{k: side[k] for k in (*REGION_KEYS, "modality") if k in side}})
     return write_datalist(out, path, data_base_dir=Path(path).parent, overwrite=overwrite)
 
