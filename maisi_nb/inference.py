@@ -14,12 +14,13 @@ from torch import nn
 from fastcore.basics import patch
 import maisi_nb
 from .labels import (LABELS, BODY_REGIONS, CONTROLLABLE_ANATOMIES, MODALITIES, TUMOR_IDS, label_id, label_name,
-                             body_region_index, labels_to_bits)
+                             body_region_index, labels_to_bits, modality_id, modality_name, tumor_free_mask)
 from .utils import (in_test, progress, default_device, make_generator, atomic_path, save_json, save_nifti,
                             load_nifti, spacing_from_affine, check_output_dir)
 from .networks import (PRESETS, MaisiNetworks, build_networks, load_pretrained, load_into, network_version,
                                decode_latents, plan_decode, to_hu, check_num_splits, save_pretrained as save_networks)
-from .sampling import make_scheduler, is_rflow, sample_latents, set_inference_timesteps, batch_randn, ddpm_step
+from .sampling import (make_scheduler, is_rflow, sample_latents, set_inference_timesteps, batch_randn, ddpm_step,
+                               check_guidance_scale)
 from .masks import (to_anatomy_ids, check_controllable_anatomy_size, prepare_size_condition, target_tumor_label,
                             generated_mask_to_sample, find_masks, find_closest_masks, select_masks, read_mask_record,
                             augment_mask, prepare_user_mask, mask_sample, body_region_vectors, load_mask_database,
@@ -50,7 +51,8 @@ INFER_DEFAULTS = {  # config_infer keys -> defaults; None for output_size/spacin
     "num_output_samples": 1, "body_region": [], "anatomy_list": [], "controllable_anatomy_size": [],
     "num_inference_steps": None, "mask_generation_num_inference_steps": 1000, "output_size": None, "spacing": None,
     "image_output_ext": ".nii.gz", "label_output_ext": ".nii.gz", "autoencoder_sliding_window_infer_size": None,
-    "autoencoder_sliding_window_infer_overlap": 0.25, "autoencoder_tp_num_splits": None, "modality": 1}
+    "autoencoder_sliding_window_infer_overlap": 0.25, "autoencoder_tp_num_splits": None, "modality": 1,
+    "cfg_guidance_scale": 0.0}  # NV-Generate v2: classifier-free guidance (0 or 1: off)
 INDIRECTION_KEYS = ("controlnet", "diffusion_unet", "autoencoder", "mask_generation_autoencoder",
                     "mask_generation_diffusion")  # '$@..._def' entries of config_infer: ignored
 OUTPUT_EXTS = (".nii.gz", ".nii")
@@ -170,11 +172,7 @@ def _int_in(v, field:str, lo:int, hi:int|None=None, none_ok:bool=False):
                                 f"{' or null' if none_ok else ''}, got {v!r}")
     return int(v)
 
-def _modality(v) -> int:
-    if isinstance(v, str):
-        if v.lower() not in MODALITIES: raise ValueError(f"modality: unknown name {v!r}; allowed: {', '.join(MODALITIES)} or an id")
-        return MODALITIES[v.lower()]
-    return _int_in(v, "modality", 0, 127)
+def _modality(v) -> int: return modality_id(v, "modality")
 
 def _unknown_keys(keys, allowed) -> None:
     import difflib
@@ -204,6 +202,8 @@ def check_infer_config(config:dict, # config_infer keys (a loaded config_infer.j
     for k in ("image_output_ext", "label_output_ext"):
         if c[k] not in OUTPUT_EXTS: raise ValueError(f"{k}: {c[k]!r} is not supported; allowed: {', '.join(OUTPUT_EXTS)}")
     c["modality"] = _modality(c["modality"])
+    try: c["cfg_guidance_scale"] = check_guidance_scale(c["cfg_guidance_scale"])
+    except ValueError as e: raise ValueError(f"cfg_{e}") from None
     c["body_region"], c["anatomy_list"] = _as_list(c["body_region"]), _as_list(c["anatomy_list"])
     cas = c["controllable_anatomy_size"]
     c["controllable_anatomy_size"] = [list(p) for p in (cas.items() if isinstance(cas, dict) else cas)]
@@ -320,7 +320,8 @@ class MaisiPipeline:
                  qc_statistics=None, # organ-median statistics (dict or JSON path); None: MAISI's table
                  mask_generation_spacing:float=None, # mm per voxel of generated masks (None: 384 mm / its size)
                  source:str=None, # where the weights came from (recorded in sidecars)
-                 fast:dict=None): # `fast_inference` options and `sampling_dtype`, over FAST_DEFAULTS
+                 fast:dict=None, # `fast_inference` options and `sampling_dtype`, over FAST_DEFAULTS
+                 default_modality=1): # the class label a call without `modality` uses (name or code; 1: ct)
         if not isinstance(networks, MaisiNetworks):
             raise TypeError(f"networks: expected a MaisiNetworks (from build_networks or load_pretrained), got "
                             f"{type(networks).__name__}; for released weights or the demo model use "
@@ -337,6 +338,7 @@ class MaisiPipeline:
         lat = networks.config.get("mask_generation_latent_shape", [4, 64, 64, 64])
         self.mask_generation_spacing = float(mask_generation_spacing or 384.0 / (4 * lat[1]))
         self.fast = {**FAST_DEFAULTS, **(fast or {})}
+        self.default_modality = modality_id(default_modality, "default_modality")
         if self.fast["sampling_dtype"] not in (None, "float32", "float16", "bfloat16"):
             raise ValueError(f"fast: sampling_dtype must be None, 'float32', 'float16' or 'bfloat16', got {self.fast['sampling_dtype']!r}")
 
@@ -608,6 +610,7 @@ def prepare(self:MaisiPipeline, config:dict, seed:int|None=None, scheduler=None,
             resume:bool=False, num_shards:int=1, shard_index:int=0, manifest:bool=False,
             output_format:str="nifti") -> GenerationPlan:
     "Check a request completely (settings, grid, mask source, output files) without heavy work."
+    if config.get("modality") is None: config = {**config, "modality": self.default_modality}   # the model's own
     c = check_infer_config(config)
     _check_options(label_ids, max_attempts, seed)
     check_output_format(output_format)
@@ -693,13 +696,15 @@ def sample_image(self:MaisiPipeline, ms:dict, # a mask sample (see the mask sour
     n = c["num_inference_steps"] or (30 if is_rflow(plan.scheduler) else 1000)
     t0, fast = time.perf_counter(), dict(self.fast)
     dtype = fast.pop("sampling_dtype", None)
+    s = c.get("cfg_guidance_scale") or 0.0   # v2's paired guidance: the unconditional branch sees the tumour-free mask
+    cfg = {} if s in (0.0, 1.0) else dict(guidance_scale=s, controlnet_cond_uncond=labels_to_bits(tumor_free_mask(lab)))
     with fast_inference(unet, self.controlnet, **fast):
         z = sample_latents(unet, plan.scheduler, (1, unet.in_channels, *[s // 4 for s in lab.shape[2:]]),
                            spacing=ms["spacing"], top_region_index=ms["top_region_index"],
                            bottom_region_index=ms["bottom_region_index"], modality=c["modality"],
                            controlnet=self.controlnet, controlnet_cond=labels_to_bits(lab), num_inference_steps=n,
                            seed=seed, latents=latents, device=dev, dtype=getattr(torch, dtype) if dtype else None, callback=callback,
-                           progress_bar=progress_bar)
+                           progress_bar=progress_bar, **cfg)
     t1 = time.perf_counter()
     hu = to_hu(self.decode(z, c), lab)[0, 0].float().cpu()
     return hu, {"sampling": t1 - t0, "decode": time.perf_counter() - t1}
@@ -888,7 +893,8 @@ def __call__(self:MaisiPipeline,
              autoencoder_sliding_window_infer_overlap:float=0.25,
              autoencoder_tp_num_splits:int=None, # tensor-parallel splits inside the VAE convolutions
              image_output_ext:str=".nii.gz", label_output_ext:str=".nii.gz",
-             modality=1, # CT (rectified-flow models take a modality class)
+             modality=None, # contrast phase / modality: "ct", "ct_wo_contrast", "ct_contrast" or a code (None: the model's default)
+             guidance_scale:float=None, # classifier-free guidance (config key cfg_guidance_scale; None: 0, off)
              seed:int=None, # everything random follows from it (None: drawn and recorded)
              scheduler=None, # None (the model's), "ddpm", "rflow" or a MONAI scheduler object
              callback=None, # called with a dict after every denoising step
@@ -906,7 +912,7 @@ def __call__(self:MaisiPipeline,
              manifest:bool=False, # write output_dir/manifest_shard{shard_index}.jsonl, and manifest.jsonl when all are done
             ) -> GenerationResult:
     "Generate CT volumes (HU) with their masks and quality checks; written to `output_dir` when given."
-    config = {k: v for k, v in locals().items() if k in INFER_DEFAULTS}
+    config = {k: v for k, v in locals().items() if k in INFER_DEFAULTS} | {"cfg_guidance_scale": guidance_scale}
     plan = self.prepare(config, seed, scheduler, mask, mask_source, label_ids, augment, qc, max_attempts, output_dir,
                         overwrite, output_prefix, preview, latents, resume,
                         num_shards, shard_index, manifest, output_format)
@@ -942,6 +948,7 @@ def sidecar(result:GenerationResult, i:int, ids=()) -> dict:
     return {"format": "maisi_nb.generation", "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "software": software_versions(), "model": result.model, "config": result.config, "options": result.options,
             "seed": result.seed, "sample_index": i if s.index is None else s.index, "sample_seed": s.seed, "mask": s.mask,
+            "modality": {"code": result.config["modality"], "name": modality_name(result.config["modality"])},
             "output_size": list(s.image.shape), "spacing": s.spacing, "affine": s.affine.tolist(),
             "label_ids": result.options["label_ids"], "label_legend": label_legend(s, result.options["label_ids"], ids),
             "qc": None if s.qc is None else s.qc.to_dict(), "attempts": s.attempts, "timings_s": s.timings,
@@ -1064,7 +1071,7 @@ def from_pretrained(cls:MaisiPipeline, directory, # released MAISI folder, or on
     meta = json.loads((d / PIPELINE_FILE).read_text()) if (d / PIPELINE_FILE).is_file() else None
     if meta is None: opts = {k: v for k, v in find_released_data(d).items() if v is not None}
     else:
-        opts = {k: meta[k] for k in ("output_size", "spacing", "mask_generation_spacing", "fast") if meta.get(k) is not None}
+        opts = {k: meta[k] for k in ("output_size", "spacing", "mask_generation_spacing", "fast", "default_modality") if meta.get(k) is not None}
         opts["limits"] = GenerationLimits.from_dict(meta["limits"])
         for k in ("mask_database", "mask_dir", "size_conditions", "qc_statistics"):
             if meta.get(k): opts[k] = d / meta[k]
@@ -1091,7 +1098,8 @@ def save_pretrained(self:MaisiPipeline, directory, overwrite:bool=False, include
     save_networks(self.networks, d, overwrite=overwrite)
     meta = {"format": "maisi_nb.pipeline", "format_version": 1, "maisi_nb": maisi_nb.__version__, "version": self.version,
             "preset": self.networks.preset, "limits": self.limits.to_dict(), "output_size": self.output_size,
-            "spacing": self.spacing, "mask_generation_spacing": self.mask_generation_spacing, "fast": self.fast}
+            "spacing": self.spacing, "mask_generation_spacing": self.mask_generation_spacing, "fast": self.fast,
+            "default_modality": self.default_modality}
     if include_masks and self.mask_database is not None:
         _copy_mask_database(self.mask_database, self.mask_dir, d, overwrite)
         meta |= {"mask_database": "mask_database.json", "mask_dir": "masks"}
@@ -1244,7 +1252,10 @@ def _add_setting_flags(p:argparse.ArgumentParser) -> None:
     s.add_argument("--autoencoder-tp-num-splits", dest="autoencoder_tp_num_splits", type=int)
     s.add_argument("--image-output-ext", dest="image_output_ext")
     s.add_argument("--label-output-ext", dest="label_output_ext")
-    s.add_argument("--modality")
+    s.add_argument("--modality", help="contrast phase / modality: ct, ct_wo_contrast, ct_contrast (or another name of "
+                   "maisi_nb.labels.MODALITIES, or a code); default: the model's default_modality (pipeline.json), else ct")
+    s.add_argument("--cfg-guidance-scale", dest="cfg_guidance_scale", type=float,
+                   help="classifier-free guidance scale, NV-Generate v2 (default 0: off; 0 and 1 both sample without guidance)")
     o = p.add_argument_group("output and extras")
     o.add_argument("-o", "--output-dir", help="default: the environment's output_dir, else ./output")
     o.add_argument("--prefix", default="sample", help="output file-name prefix")
@@ -1307,7 +1318,8 @@ def generate_cli(argv=None) -> int:
     default_device(a.device)
     k, K = a.shard_index * world + rank, a.num_shards * world
     pipe = _cli_pipeline(a, env)
-    res = pipe(**cfg, seed=a.seed, scheduler=a.scheduler, mask=a.mask, mask_source=a.mask_source, label_ids=a.label_ids,
+    gs = cfg.pop("cfg_guidance_scale", None)
+    res = pipe(**cfg, guidance_scale=gs, seed=a.seed, scheduler=a.scheduler, mask=a.mask, mask_source=a.mask_source, label_ids=a.label_ids,
                augment=not a.no_augment, qc=not a.no_qc, max_attempts=a.max_attempts, output_dir=out,
                overwrite=a.overwrite, output_prefix=a.prefix, preview=not a.no_preview, resume=a.resume,
                num_shards=K, shard_index=k, manifest=True, progress_bar=rank == 0,

@@ -66,7 +66,7 @@ def test_upstream_files_unchanged(maisi_folder):
     assert r.returncode == 0, r.stderr
     out = maisi_folder / "output"
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["sample_seed3_000.json", "sample_seed3_000_image.nii.gz", "sample_seed3_000_label.nii.gz",
+    assert names == ["manifest.jsonl", "manifest_shard0.jsonl", "sample_seed3_000.json", "sample_seed3_000_image.nii.gz", "sample_seed3_000_label.nii.gz",
                      "sample_seed3_000_preview.png"], names
     meta = json.loads((out / "sample_seed3_000.json").read_text())
     assert meta["mask"]["source"] == "database" and meta["mask"]["file"].endswith("m0.nii.gz")   # the one with the tumour
@@ -140,3 +140,47 @@ def test_unknown_infer_key(tmp_path, capsys):
     f = tmp_path / "infer.json"; f.write_text(json.dumps({"num_inference_step": 3}))
     rc, out, err = call(capsys, "--preset", "tiny", "-i", f, "-o", tmp_path / "o")
     assert rc == 2 and "did you mean 'num_inference_steps'" in err
+
+V2 = Path(__file__).resolve().parents[2] / "shared" / "reference" / "upstream_data" / "v2"
+
+def test_nv_generate_v2_infer_configs_load():
+    "Every config_infer*.json of NV-Generate v2 (modality, cfg_guidance_scale) is accepted as it is."
+    from maisi_nb.inference import check_infer_config
+    files = sorted(V2.glob("config_infer*.json")) if V2.is_dir() else []
+    if not files: pytest.skip("NV-Generate v2 config files not available here")
+    for f in files:
+        c = check_infer_config(json.loads(f.read_text()))
+        assert (c["cfg_guidance_scale"], c["modality"]) == (0.0, 1), f.name
+
+def test_guidance_and_modality(tmp_path):
+    "guidance_scale (cfg_guidance_scale) pairs the mask with its tumour-free copy; modality names reach the sidecar; "
+    "the model's default_modality travels in pipeline.json."
+    from maisi_nb.inference import MaisiPipeline, check_infer_config
+    pipe = MaisiPipeline.from_preset("tiny", "cpu", seed=0)
+    g = torch.Generator().manual_seed(0)   # untrained UNets end in a zero layer and ignore every label: jitter the weights
+    with torch.no_grad():
+        for p in [*pipe.diffusion_unet.parameters(), *pipe.controlnet.parameters()]: p += 0.05 * torch.randn(p.shape, generator=g)
+    kw = dict(output_size=[32] * 3, spacing=[12.] * 3, num_inference_steps=2, max_attempts=1, seed=1, progress_bar=False,
+              body_region=["chest", "abdomen"], anatomy_list=["liver", "hepatic tumor"], qc=False)
+    r0, r1 = pipe(**kw), pipe(**kw, guidance_scale=0.0)
+    assert np.array_equal(r0.images[0], r1.images[0])     # 0 is off
+    r2 = pipe(**kw, guidance_scale=3.0, modality="ct_contrast", output_dir=tmp_path)
+    r3 = pipe(**kw, modality="ct_contrast")
+    assert not np.array_equal(r0.images[0], r3.images[0]) and not np.array_equal(r3.images[0], r2.images[0])
+    side = json.loads(r2.samples[0].files["sidecar"].read_text())
+    assert side["config"]["cfg_guidance_scale"] == 3.0 and side["modality"] == {"code": 3, "name": "ct_contrast"}
+    with pytest.raises(ValueError, match="cfg_guidance_scale: expected a number >= 0"): pipe(**kw, guidance_scale=-1)
+    with pytest.raises(ValueError, match="modality: unknown name 'ct_contrst' \\(did you mean 'ct_contrast'"): pipe(**kw, modality="ct_contrst")
+    with pytest.raises(ValueError, match="cfg_guidance_scale"): check_infer_config({"cfg_guidance_scale": "high"})
+    pipe.default_modality = 2
+    assert pipe.prepare({"output_size": [32] * 3, "spacing": [12.] * 3}).config["modality"] == 2
+    pipe.save_pretrained(tmp_path / "m", include_masks=False)
+    assert json.loads((tmp_path / "m" / "pipeline.json").read_text())["default_modality"] == 2
+    assert MaisiPipeline.from_pretrained(tmp_path / "m", device="cpu").default_modality == 2
+
+def test_help_lists_guidance_and_modalities():
+    r = run_cli("--help")
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    for s in ("--cfg-guidance-scale", "default 0: off", "ct_wo_contrast", "ct_contrast", "--output-format", "--num-shards", "--merge-manifests"):
+        assert s in text, s
