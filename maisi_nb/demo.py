@@ -195,7 +195,7 @@ def evaluate_demo(pipe:MaisiPipeline, recipe:dict, n:int=20, num_inference_steps
         q = res.samples[0].qc
         present = [o for o in q.organs if o.status != "absent"]
         organs += [o.status == "pass" for o in present]
-        rows.append({"mask": i, "regions": "+".join(regs), "passed": q.passed, "failed": q.failed})
+        rows.append({"mask": i, "regions": "+".join(regs), "passed": q.passed, "failed": q.failed})   # "not checked" counts as not passed
     gen_s = (time.time() - t0) / n
     ae = pipe.autoencoder.eval()
     fn = lambda x: ae.decode_stage_2_outputs(ae.encode(x)[0])
@@ -347,6 +347,6 @@ def demo_gallery(pipe:MaisiPipeline, body_regions=("chest", "abdomen", "chest,ab
         s = res.samples[0]
         show_ct(s.image, None, s.spacing, ax=row[:3])
         show_ct(s.image, s.mask_label, s.spacing, ax=row[3:], views=("coronal",))
-        qc = "QC passed" if s.qc.passed else "QC failed: " + ", ".join(s.qc.failed)
+        qc = f"QC {s.qc.status}" + (": " + ", ".join(s.qc.failed) if s.qc.failed else "")
         row[0].set_ylabel(f"{'+'.join(regs)}\n{qc}", fontsize=8)
     return fig
