@@ -24,6 +24,10 @@ from maisi_nb.mask_generator import (SIZE_CONDITION_IDS, demo_mask_generator_dir
 
 _REGION = {"lung tumor": ["chest"], "bone lesion": ["abdomen"]}
 
+def _pct(v, ref) -> float:
+    "Percentile of a volume among the training volumes (NaN when no training mask has the anatomy)."
+    return volume_percentile(v, ref) if (np.asarray(ref) > 0).any() else float("nan")
+
 def _spearman(req, got) -> float:
     req, got = np.asarray(req, float), np.asarray(got, float)
     if np.ptp(got) == 0 or np.ptp(req) == 0: return float("nan")
@@ -61,8 +65,8 @@ def main(argv=None):
         ph = make_phantom(grid, sp, ("chest", "abdomen"), seed=s, organ_scale=scale, tumors=tumors, strict_tumors=False)
         v_ph = float((ph.label == lab).sum() * vox)
         rows.append({"slot": j, "level": lv, "seed": s, "v_raw": v_raw, "v_post": v_post, "pieces": int(pieces),
-                     "changed": changed, "pct": volume_percentile(v_post, ref[:, j]), "v_phantom": v_ph,
-                     "pct_phantom": volume_percentile(v_ph, ref[:, j])})
+                     "changed": changed, "pct": _pct(v_post, ref[:, j]), "v_phantom": v_ph,
+                     "pct_phantom": _pct(v_ph, ref[:, j])})
     # database path: candidates holding the anatomy; the request's size plays no part in the choice
     db = json.loads(Path(data["mask_database"]).read_text())
     out = ["| slot | anatomy | Spearman (generated) | achieved pct @ " + " / ".join(map(str, a.levels)) +
@@ -71,14 +75,14 @@ def main(argv=None):
     for j, name in enumerate(CONTROLLABLE_ANATOMIES):
         r = [x for x in rows if x["slot"] == j]
         req = [x["level"] for x in r]
-        med = lambda key: " / ".join(f"{np.median([x[key] for x in r if x['level'] == lv]):.2f}" for lv in a.levels)
+        med = lambda key: " / ".join(f"{np.nanmedian([x[key] for x in r if x['level'] == lv]):.2f}" for lv in a.levels)
         rel = [(x["v_post"] - x["v_raw"]) / x["v_raw"] for x in r if x["v_raw"] > 0]
         cands = find_masks(_REGION.get(name, ["abdomen"]), [SIZE_CONDITION_IDS[j]], [6.0] * 3, [64] * 3, db, data["mask_dir"])
         pct_db = []
         for cnd in cands:
             m, aff = load_nifti(cnd["pseudo_label"])
-            pct_db.append(volume_percentile(float((m == SIZE_CONDITION_IDS[j]).sum() * np.prod(spacing_from_affine(aff)) / 1000), ref[:, j]))
-        dbs = f"{len(cands)}, {min(pct_db):.2f}–{max(pct_db):.2f}" if pct_db else "0, –"
+            pct_db.append(_pct(float((m == SIZE_CONDITION_IDS[j]).sum() * np.prod(spacing_from_affine(aff)) / 1000), ref[:, j]))
+        dbs = f"{len(cands)}, {np.nanmin(pct_db):.2f}–{np.nanmax(pct_db):.2f}" if pct_db else "0, –"
         out.append(f"| {j} | {name} | {_spearman(req, [x['v_post'] for x in r]):.2f} | {med('pct')} | "
                    f"{np.mean([x['v_post'] == 0 for x in r]):.0%} | {np.mean([x['pieces'] > 1 for x in r]):.0%} | "
                    f"{np.median(rel) if rel else float('nan'):+.0%} | {np.mean([x['changed'] for x in r]):.1%} | "
