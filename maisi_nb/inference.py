@@ -14,13 +14,14 @@ from torch import nn
 from fastcore.basics import patch
 import maisi_nb
 from .labels import (LABELS, BODY_REGIONS, CONTROLLABLE_ANATOMIES, MODALITIES, TUMOR_IDS, label_id, label_name,
-                             body_region_index, labels_to_bits, modality_id, modality_name, tumor_free_mask)
+                             body_region_index, labels_to_bits, modality_id, modality_name, tumor_free_mask, is_mr, check_modality)
 from .utils import (in_test, progress, default_device, make_generator, atomic_path, save_json, save_nifti,
                             load_nifti, spacing_from_affine, check_output_dir)
 from .networks import (PRESETS, MaisiNetworks, build_networks, load_pretrained, load_into, network_version,
-                               decode_latents, plan_decode, to_hu, check_num_splits, save_pretrained as save_networks)
+                               decode_latents, plan_decode, to_hu, check_num_splits, save_pretrained as save_networks,
+                               VARIANTS, MR_VARIANTS, MR_DISPLAY_RANGE, check_mr_grid)
 from .sampling import (make_scheduler, is_rflow, sample_latents, set_inference_timesteps, batch_randn, ddpm_step,
-                               check_guidance_scale)
+                               check_guidance_scale, default_guidance_scale, generate_image_only)
 from .masks import (to_anatomy_ids, check_controllable_anatomy_size, prepare_size_condition, target_tumor_label,
                             generated_mask_to_sample, find_masks, find_closest_masks, select_masks, read_mask_record,
                             augment_mask, prepare_user_mask, mask_sample, body_region_vectors, load_mask_database,
@@ -36,9 +37,9 @@ import torch.distributed as dist
 # %% auto #0
 __all__ = ['INFER_DEFAULTS', 'INDIRECTION_KEYS', 'OUTPUT_EXTS', 'MAISI_LIMITS', 'SMALL_LIMITS', 'PRESET_LIMITS',
            'RECOMMENDED_GRIDS', 'DEFAULT_SIZE_CONDITION', 'MASK_SOURCES', 'FAST_DEFAULTS', 'OUTPUT_FORMATS',
-           'PIPELINE_FILE', 'NO_WEIGHTS_MESSAGE', 'ENV_WEIGHT_KEYS', 'ENV_KEYS', 'GenerationLimits', 'check_grid',
-           'check_input', 'recommended_grid', 'check_fov', 'check_infer_config', 'sample_mask_latents', 'decode_mask',
-           'size_condition', 'CachedConditionEmbedding', 'fast_inference', 'MaskGenerator', 'limits_for',
+           'MR_WINDOW', 'PIPELINE_FILE', 'NO_WEIGHTS_MESSAGE', 'ENV_WEIGHT_KEYS', 'ENV_KEYS', 'GenerationLimits',
+           'check_grid', 'check_input', 'recommended_grid', 'check_fov', 'check_infer_config', 'sample_mask_latents',
+           'decode_mask', 'size_condition', 'CachedConditionEmbedding', 'fast_inference', 'MaskGenerator', 'limits_for',
            'MaisiPipeline', 'user_mask_grid', 'GenerationPlan', 'sample_seed', 'shard_indices', 'check_output_format',
            'output_files', 'check_outputs_free', 'complete_sample', 'temp_files', 'memory_budget', 'GeneratedSample',
            'output_label', 'GenerationResult', 'NonFiniteOutputError', 'software_versions', 'render_slices',
@@ -326,12 +327,15 @@ class MaisiPipeline:
             raise TypeError(f"networks: expected a MaisiNetworks (from build_networks or load_pretrained), got "
                             f"{type(networks).__name__}; for released weights or the demo model use "
                             "MaisiPipeline.from_pretrained(folder) or default_pipeline()")
-        missing = [r for r in ("autoencoder", "diffusion_unet", "controlnet") if networks[r] is None]
+        self.image_only = networks.variant in MR_VARIANTS   # NV-Generate's MR models: no mask, no ControlNet
+        need = ("autoencoder", "diffusion_unet") + (() if self.image_only else ("controlnet",))
+        missing = [r for r in need if networks[r] is None]
         if missing: raise ValueError(f"networks: the pipeline needs {missing}; built: {list(networks.networks())}")
         self.networks, self.source, self.limits = networks, source, limits or limits_for(networks)
         small = self.limits.in_plane_sizes is None
-        self.output_size = list(output_size or ([64] * 3 if small else [256] * 3))
-        self.spacing = [float(s) for s in (spacing or ([6.0] * 3 if small else [1.5, 1.5, 2.0]))]
+        v = VARIANTS[networks.variant] if self.image_only and not small else None   # full-size MR: the model's own grid
+        self.output_size = list(output_size or ([64] * 3 if small else v.output_size if v else [256] * 3))
+        self.spacing = [float(s) for s in (spacing or ([6.0] * 3 if small else v.spacing if v else [1.5, 1.5, 2.0]))]
         self.mask_database, self.mask_dir = mask_database, mask_dir
         self.size_conditions = json.loads(Path(size_conditions).read_text()) if isinstance(size_conditions, (str, Path)) else size_conditions
         self.qc_statistics = json.loads(Path(qc_statistics).read_text()) if isinstance(qc_statistics, (str, Path)) else qc_statistics
@@ -913,10 +917,54 @@ def __call__(self:MaisiPipeline,
             ) -> GenerationResult:
     "Generate CT volumes (HU) with their masks and quality checks; written to `output_dir` when given."
     config = {k: v for k, v in locals().items() if k in INFER_DEFAULTS} | {"cfg_guidance_scale": guidance_scale}
+    if self.image_only:
+        given = [k for k, v in (("mask", mask), ("mask_source", mask_source), ("body_region", body_region),
+                                ("anatomy_list", anatomy_list), ("controllable_anatomy_size", controllable_anatomy_size)) if v]
+        given += [k for k, bad in (("output_format", output_format != "nifti"), ("num_shards", num_shards > 1), ("resume", resume)) if bad]
+        if given: raise ValueError(f"{', '.join(given)}: {self.networks.variant} is an image-only MR model and takes no mask or "
+                                   "anatomy and writes NIfTI in one process here; leave them out (it generates an image from modality, grid and seed alone)")
+        return self._generate_mr(config, seed, output_dir, overwrite, output_prefix, preview, progress_bar)
     plan = self.prepare(config, seed, scheduler, mask, mask_source, label_ids, augment, qc, max_attempts, output_dir,
                         overwrite, output_prefix, preview, latents, resume,
                         num_shards, shard_index, manifest, output_format)
     return self.run(plan, callback, progress_bar)
+
+# %% ../nbs/04_inference.ipynb #a3d29286
+MR_WINDOW = (MR_DISPLAY_RANGE[1] - MR_DISPLAY_RANGE[0], sum(MR_DISPLAY_RANGE) / 2)   # (width, level) of MR previews
+
+@patch
+def _generate_mr(self:MaisiPipeline, config:dict, seed, output_dir, overwrite, prefix, preview, progress_bar) -> GenerationResult:
+    "Image-only MR generation (`sampling.generate_image_only`), sample i seeded by `sample_seed(seed, i)`; no mask, no QC."
+    v, full, t0 = VARIANTS[self.networks.variant], self.limits.in_plane_sizes is not None, time.perf_counter()
+    config = dict(config)
+    if config.get("modality") is None: config["modality"] = v.modality
+    if config.get("cfg_guidance_scale") is None: config["cfg_guidance_scale"] = default_guidance_scale(v.name)
+    c = check_infer_config(config)
+    c["modality"] = check_modality(c["modality"], v.name)
+    size, sp = c["output_size"] or self.output_size, c["spacing"] or self.spacing
+    c["output_size"], c["spacing"] = check_mr_grid(size, sp, v.name) if full else check_grid(size, sp, self.limits)
+    c["num_inference_steps"] = c["num_inference_steps"] or v.num_inference_steps
+    if seed is not None: _int_in(seed, "seed", 0, 2**63 - 1)
+    seed = int(np.random.SeedSequence().entropy % 2**31) if seed is None else int(seed)
+    n, opts = c["num_output_samples"], dict(label_ids="global", augment=False, qc=False, max_attempts=1, scheduler="rflow", mask=None)
+    files = None if output_dir is None else output_files(output_dir, prefix, seed, n, c["image_output_ext"], c["label_output_ext"], preview)
+    if files: check_output_dir(output_dir, "output_dir"); check_outputs_free(files, overwrite)
+    res = GenerationResult([], c, seed, opts, self.model_info(), {"total": 0.0})
+    for i in range(n):
+        s, tic = sample_seed(seed, i), time.perf_counter()
+        r = generate_image_only(self.networks, c["output_size"], c["spacing"], c["modality"], c["cfg_guidance_scale"],
+                                c["num_inference_steps"], s, sliding_window=((80, 80, 80), 0.4) if full else None,
+                                check_grid=full, device=self.device, progress_bar=progress_bar)
+        img, empty = r["image"].numpy().astype(np.float32), np.zeros(c["output_size"], np.uint8)
+        secs = round(time.perf_counter() - tic, 3)
+        att = [{"attempt": 1, "noise_seed": s, "latents": "seed", "mask": None, "num_inference_steps": c["num_inference_steps"],
+                "nonfinite_voxels": int(img.size - np.isfinite(img).sum()), "qc_passed": None, "qc_status": None, "qc_failed": [],
+                "seconds": secs}]
+        res.samples.append(GeneratedSample(img, empty, empty, np.diag([*c["spacing"], 1.0]), list(c["spacing"]), None, att,
+                                           {"source": "none (image-only MR model)"}, s, {"sampling+decode": secs}, index=i))
+        if files: res._write_sample(i, files[i])
+    res.timings["total"] = time.perf_counter() - t0
+    return res
 
 # %% ../nbs/04_inference.ipynb #f19892da
 def render_slices(image, label=None, spacing=(1., 1., 1.), window="soft", slices=None, overlay:bool=True,
@@ -949,6 +997,8 @@ def sidecar(result:GenerationResult, i:int, ids=()) -> dict:
             "software": software_versions(), "model": result.model, "config": result.config, "options": result.options,
             "seed": result.seed, "sample_index": i if s.index is None else s.index, "sample_seed": s.seed, "mask": s.mask,
             "modality": {"code": result.config["modality"], "name": modality_name(result.config["modality"])},
+            "image_units": "MR (relative units: 1000 x decoder output, no upper clip)" if is_mr(result.config["modality"]) else "HU",
+            **({"qc_note": "not run: the quality check measures HU organ medians of CT"} if is_mr(result.config["modality"]) else {}),
             "output_size": list(s.image.shape), "spacing": s.spacing, "affine": s.affine.tolist(),
             "label_ids": result.options["label_ids"], "label_legend": label_legend(s, result.options["label_ids"], ids),
             "qc": None if s.qc is None else s.qc.to_dict(), "attempts": s.attempts, "timings_s": s.timings,
@@ -967,7 +1017,9 @@ def _write_sample(self:GenerationResult, i:int, f:dict, ids=()) -> dict:
     if "dicom" in f:   # replaces a folder an interrupted run left without a sidecar (the files were checked free before)
         save_dicom(s.image, s.mask_label, s.affine, f["dicom"], seed=s.seed, overwrite=True)
     if "preview" in f:
-        with atomic_path(f["preview"]) as tmp: Path(tmp).write_bytes(render_slices(s.image, s.mask_label, s.spacing))
+        mr = is_mr(self.config["modality"])   # MR: its own display window, no label overlay
+        png = render_slices(s.image, None if mr else s.mask_label, s.spacing, window=MR_WINDOW if mr else "soft")
+        with atomic_path(f["preview"]) as tmp: Path(tmp).write_bytes(png)
     s.files = dict(f)
     s.timings["write"] = round(time.perf_counter() - tic, 3)
     meta = sidecar(self, i, ids)
@@ -1064,6 +1116,7 @@ def find_released_data(directory) -> dict:
 @patch(cls_method=True)
 def from_pretrained(cls:MaisiPipeline, directory, # released MAISI folder, or one written by `save_pretrained`
                     device=None, version:str=None, # 'ddpm' / 'rflow' (None: detected)
+                    variant:str=None, # a released NV-Generate model (networks.VARIANTS); None: pipeline.json's, else detected
                     **kwargs) -> MaisiPipeline: # override pipeline settings (mask_database, limits, ...)
     "Load a folder of released MAISI files or a saved pipeline; checkpoints load strictly."
     d = Path(directory)
@@ -1075,8 +1128,8 @@ def from_pretrained(cls:MaisiPipeline, directory, # released MAISI folder, or on
         opts["limits"] = GenerationLimits.from_dict(meta["limits"])
         for k in ("mask_database", "mask_dir", "size_conditions", "qc_statistics"):
             if meta.get(k): opts[k] = d / meta[k]
-        version = version or meta.get("version")
-    nets = load_pretrained(d, version=version, device=device)
+        version, variant = version or meta.get("version"), variant or meta.get("variant")
+    nets = load_pretrained(d, version=version, device=device, variant=variant)
     return cls(nets, **({"source": str(d)} | opts | kwargs))
 
 # %% ../nbs/04_inference.ipynb #687978a7
@@ -1099,7 +1152,7 @@ def save_pretrained(self:MaisiPipeline, directory, overwrite:bool=False, include
     meta = {"format": "maisi_nb.pipeline", "format_version": 1, "maisi_nb": maisi_nb.__version__, "version": self.version,
             "preset": self.networks.preset, "limits": self.limits.to_dict(), "output_size": self.output_size,
             "spacing": self.spacing, "mask_generation_spacing": self.mask_generation_spacing, "fast": self.fast,
-            "default_modality": self.default_modality}
+            "default_modality": self.default_modality, "variant": self.networks.variant}
     if include_masks and self.mask_database is not None:
         _copy_mask_database(self.mask_database, self.mask_dir, d, overwrite)
         meta |= {"mask_database": "mask_database.json", "mask_dir": "masks"}
@@ -1225,6 +1278,7 @@ def _generate_parser() -> argparse.ArgumentParser:
     g.add_argument("-e", "--environment", help="environment JSON: checkpoint paths, mask database, output_dir")
     g.add_argument("-x", "--extra-config", action="append", help="extra config JSON (inference keys are used)")
     g.add_argument("--version", help="maisi3d-rflow / maisi3d-ddpm (or rflow / ddpm) when it cannot be detected")
+    g.add_argument("--variant", help="released NV-Generate model of --weights-dir: " + ", ".join(VARIANTS) + " (default: detected)")
     w = p.add_argument_group("weights and masks")
     w.add_argument("--weights-dir", help="folder of released MAISI files, or one written by save_pretrained")
     w.add_argument("--preset", choices=list(PRESETS), help="untrained networks of a preset (tests, benchmarks)")
@@ -1285,7 +1339,7 @@ def _cli_pipeline(a, env:dict) -> MaisiPipeline:
         raise ValueError("weights: give one of --preset, --weights-dir or the environment's trained_*_path keys (-e), not several")
     if a.preset: pipe = MaisiPipeline.from_preset(a.preset, a.device); print(f"untrained preset {a.preset!r}: output is noise-like")
     elif named: pipe = pipeline_from_environment(env, a.network_config, version, a.device, dirs)
-    elif a.weights_dir: pipe = MaisiPipeline.from_pretrained(a.weights_dir, a.device, version)
+    elif a.weights_dir: pipe = MaisiPipeline.from_pretrained(a.weights_dir, a.device, version, a.variant)
     else:
         if a.network_config or a.version:
             raise ValueError(f"{'-c/--network-config' if a.network_config else '--version'}: given, but no weights are: name "

@@ -184,3 +184,24 @@ def test_help_lists_guidance_and_modalities():
     text = " ".join(r.stdout.split())
     for s in ("--cfg-guidance-scale", "default 0: off", "ct_wo_contrast", "ct_contrast", "--output-format", "--num-shards", "--merge-manifests"):
         assert s in text, s
+
+def test_image_only_mr_with_guidance(tmp_path):
+    "An MR variant needs only autoencoder + UNet; maisi_generate makes image-only MR (relative units, no QC, no mask)."
+    from maisi_nb.inference import MaisiPipeline
+    nets = build_networks("tiny", "cpu", which=("autoencoder", "diffusion_unet", "noise_scheduler"), seed=0, variant="rflow-mr")
+    pipe = MaisiPipeline(nets)
+    assert pipe.image_only and pipe.controlnet is None
+    with pytest.raises(ValueError, match="body_region: rflow-mr is an image-only MR model"): pipe(body_region=["chest"])
+    with pytest.raises(ValueError, match="modality: rflow-mr is not trained for ct"): pipe(modality="ct", output_size=[32] * 3, spacing=[12.] * 3)
+    pipe.save_pretrained(tmp_path / "mr")
+    assert json.loads((tmp_path / "mr" / "pipeline.json").read_text())["variant"] == "rflow-mr"
+    r = run_cli("--weights-dir", tmp_path / "mr", "--output-size", "32", "32", "32", "--spacing", "12", "12", "12",
+                "--num-inference-steps", "2", "--cfg-guidance-scale", "2", "-s", "1", "-o", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    side = json.loads((tmp_path / "out" / "sample_seed1_000.json").read_text())
+    assert side["config"]["cfg_guidance_scale"] == 2.0 and side["modality"]["name"] == "mri_t1"
+    assert side["image_units"].startswith("MR") and side["qc"] is None and "qc_note" in side
+    img, _ = load_nifti(tmp_path / "out" / "sample_seed1_000_image.nii.gz")
+    assert img.dtype == np.float32 and img.min() >= 0 and img.shape == (32, 32, 32)
+    r = run_cli("--weights-dir", tmp_path / "mr", "--mask", tmp_path / "x.nii.gz", "-o", tmp_path / "o2")
+    assert r.returncode == 2 and "image-only MR model" in r.stderr
