@@ -1171,7 +1171,7 @@ def demo_model_dir(package_dir=None) -> Path|None:
 def default_pipeline(device=None, package_dir=None) -> MaisiPipeline:
     "The bundled demo model, else the untrained tiny preset (with a plain warning on stdout)."
     d = demo_model_dir(package_dir)
-    if d is not None: return MaisiPipeline.from_pretrained(d, device=device, source=f"maisi_nb demo model ({d})")
+    if d is not None: return MaisiPipeline.from_pretrained(d, device=device, source="maisi_nb demo model")
     print(NO_WEIGHTS_MESSAGE)
     return MaisiPipeline.from_preset("tiny", device=device, seed=0)
 
