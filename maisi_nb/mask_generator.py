@@ -219,6 +219,14 @@ def load_mask_config(kind:str, # "vae" or "diffusion"
     if not cfg["environment"]["datalist"]: raise ValueError("datalist: not set; give it in the config or with --set datalist=FILE")
     return cfg
 
+_RUN_NAMES = {"vae": "mask_generation_autoencoder", "diffusion": "mask_generation_diffusion_unet"}
+
+def _mask_run(kind:str, config, overrides) -> tuple:
+    "(config, environment, training section, run files, released weights file) of a mask-generator run."
+    cfg = load_mask_config(kind, config, overrides)
+    files = RunFiles(cfg["environment"]["model_dir"], _RUN_NAMES[kind])
+    return cfg, cfg["environment"], cfg["training"], files, files.model_dir / f"{files.name}.pt"
+
 def mask_networks(network_config, # preset, file or dict with the two mask-generation definitions
                   device=None, seed:int|None=None, which=("mask_generation_autoencoder", "mask_generation_diffusion",
                                                           "mask_generation_noise_scheduler")) -> MaisiNetworks:
@@ -244,9 +252,7 @@ def train_mask_vae(config=None, # training config (file or dict), see MASK_VAE_D
                    overrides=(), resume:bool=False, overwrite:bool=False, until_epoch:int|None=None,
                    seed:int=0, device=None, progress_bar:bool=True) -> dict:
     "Train the mask autoencoder (8 bit planes in, 125 class logits out) on label maps; returns the history."
-    cfg = load_mask_config("vae", config, overrides); env, tr = cfg["environment"], cfg["training"]
-    files = RunFiles(env["model_dir"], "mask_generation_autoencoder")
-    out = files.model_dir / "mask_generation_autoencoder.pt"
+    cfg, env, tr, files, out = _mask_run("vae", config, overrides)
     prepare_run(files, resume, overwrite, outputs=[out])
     labs, spacing, _ = load_mask_set(mask_datalist(env["datalist"], env["data_dir"]))
     rank, ws, device = setup_distributed(device)
@@ -311,9 +317,8 @@ def train_mask_diffusion(config=None, # training config (file or dict), see MASK
                          overrides=(), resume:bool=False, overwrite:bool=False, until_epoch:int|None=None,
                          seed:int=0, device=None, progress_bar:bool=True) -> dict:
     "Train the mask DDPM on the autoencoder's latents, cross-attending to each mask's size condition; returns the history."
-    cfg = load_mask_config("diffusion", config, overrides); env, tr = cfg["environment"], cfg["training"]
-    files = RunFiles(env["model_dir"], "mask_generation_diffusion_unet")
-    out, sc_file = files.model_dir / "mask_generation_diffusion_unet.pt", files.model_dir / SIZE_CONDITIONS_FILE
+    cfg, env, tr, files, out = _mask_run("diffusion", config, overrides)
+    sc_file = files.model_dir / SIZE_CONDITIONS_FILE
     prepare_run(files, resume, overwrite, outputs=[out, sc_file])
     ae_path = Path(env["trained_mask_autoencoder_path"] or files.model_dir / "mask_generation_autoencoder.pt")
     if not ae_path.is_file(): raise FileNotFoundError(f"trained_mask_autoencoder_path: {ae_path} does not exist; train the mask autoencoder first")
