@@ -38,3 +38,23 @@ def run_ranks(tmp_path, worker_src, cwd=None, timeout=300):
     assert records[0]["world"] == records[1]["world"] == 2
     for k in weights[0]: assert torch.equal(weights[0][k], weights[1][k]), f"ranks differ in {k}"
     return weights, records
+
+def tiny_training_data(d):
+    """In folder `d`: 4 phantoms (32³ at 4 mm, fold 0 held out) with their datalist, released-layout checkpoints of
+    the tiny autoencoder, diffusion UNet and ControlNet, the latents and a ControlNet datalist. Returns their paths."""
+    import torch
+    from maisi_nb.phantoms import make_phantom_dataset
+    from maisi_nb.networks import build_networks, save_checkpoint
+    from maisi_nb.diffusion import make_latents
+    from maisi_nb.controlnet import make_controlnet_datalist
+    torch.set_num_threads(1)
+    dl = make_phantom_dataset(d / "data", n=4, output_size=(32, 32, 32), spacing=(4.0, 4.0, 4.0), folds=4)
+    nets = build_networks("tiny", "cpu", which=("autoencoder", "diffusion_unet", "controlnet"), seed=0)
+    out = {"dir": d, "datalist": dl,
+           "autoencoder": save_checkpoint(nets.autoencoder, d / "autoencoder.pt", "autoencoder"),
+           "unet": save_checkpoint(nets.diffusion_unet, d / "unet.pt", "diffusion_unet", scale_factor=torch.tensor(1.0),
+                                   epoch=0, loss=0.0, num_train_timesteps=1000),
+           "controlnet": save_checkpoint(nets.controlnet, d / "controlnet.pt", "controlnet", epoch=0, loss=0.0)}
+    make_latents(nets.autoencoder, dl, d / "data", d / "emb", size_multiple=32, device="cpu")
+    out["controlnet_datalist"] = make_controlnet_datalist(dl, d / "data", d / "emb", d / "controlnet_datalist.json")
+    return out

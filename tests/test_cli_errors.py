@@ -7,6 +7,7 @@ also started once through their installed console scripts, so the entry points t
 import json, os, shutil, subprocess, sys, textwrap
 from pathlib import Path
 import pytest
+from conftest import tiny_training_data
 
 BIN = Path(sys.executable).parent
 # the two clear messages of `maisi_nb.networks.load_checkpoint`: another layout, or the same layout with other shapes
@@ -28,24 +29,12 @@ RUNNER = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    "Phantoms with latents, good checkpoints of each tiny network, and truncated copies."
-    import torch
-    from maisi_nb.phantoms import make_phantom_dataset
-    from maisi_nb.networks import build_networks, save_checkpoint
-    from maisi_nb.diffusion import make_latents
-    from maisi_nb.controlnet import make_controlnet_datalist
-    torch.set_num_threads(1)
-    d = tmp_path_factory.mktemp("cli_errors")
-    dl = make_phantom_dataset(d / "data", n=4, output_size=(32, 32, 32), spacing=(4.0, 4.0, 4.0), folds=4)
-    nets = build_networks("tiny", "cpu", which=("autoencoder", "diffusion_unet", "controlnet"), seed=0)
-    ck = {"autoencoder": save_checkpoint(nets.autoencoder, d / "autoencoder.pt", "autoencoder"),
-          "unet": save_checkpoint(nets.diffusion_unet, d / "unet.pt", "diffusion_unet", epoch=0, loss=0.0),
-          "controlnet": save_checkpoint(nets.controlnet, d / "controlnet.pt", "controlnet", epoch=0, loss=0.0)}
-    for k in list(ck):
-        t = d / f"{k}_truncated.pt"; t.write_bytes(ck[k].read_bytes()[: ck[k].stat().st_size // 3]); ck[f"{k}_truncated"] = t
-    make_latents(nets.autoencoder, dl, d / "data", d / "emb", size_multiple=32, device="cpu")
-    cdl = make_controlnet_datalist(dl, d / "data", d / "emb", d / "controlnet_datalist.json")
-    return {"dir": d, "datalist": dl, "cn_datalist": cdl, **ck}
+    "Phantoms with latents, good checkpoints of each tiny network (conftest.tiny_training_data), and truncated copies."
+    f = tiny_training_data(tmp_path_factory.mktemp("cli_errors"))
+    f["cn_datalist"] = f["controlnet_datalist"]
+    for k in ("autoencoder", "unet", "controlnet"):
+        t = f["dir"] / f"{k}_truncated.pt"; t.write_bytes(f[k].read_bytes()[: f[k].stat().st_size // 3]); f[f"{k}_truncated"] = t
+    return f
 
 def _json(path, obj):
     Path(path).write_text(json.dumps(obj)); return str(path)

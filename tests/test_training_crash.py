@@ -11,6 +11,7 @@ import json, os, signal, subprocess, sys
 from pathlib import Path
 import pytest
 import torch
+from conftest import tiny_training_data
 
 FAULTS = ["step@1:1", "state_tmp@1", "state_saved@1", "exported@1"]
 # every point on the VAE; on the other two trainers, which share the same Trainer code, one point inside the
@@ -44,21 +45,8 @@ def stray_files(folder:Path) -> list:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    "Phantoms (+ datalist), a tiny autoencoder and UNet checkpoint, their latents and a ControlNet datalist."
-    from maisi_nb.phantoms import make_phantom_dataset
-    from maisi_nb.networks import build_networks, save_checkpoint
-    from maisi_nb.diffusion import make_latents
-    from maisi_nb.controlnet import make_controlnet_datalist
-    torch.set_num_threads(1)
-    d = tmp_path_factory.mktemp("crash")
-    dl = make_phantom_dataset(d / "data", n=4, output_size=(32, 32, 32), spacing=(4.0, 4.0, 4.0), folds=4)
-    nets = build_networks("tiny", "cpu", which=("autoencoder", "diffusion_unet"), seed=0)
-    save_checkpoint(nets.autoencoder, d / "autoencoder.pt", "autoencoder")
-    save_checkpoint(nets.diffusion_unet, d / "unet.pt", "diffusion_unet", scale_factor=torch.tensor(1.0), epoch=0,
-                    loss=0.0, num_train_timesteps=1000)
-    make_latents(nets.autoencoder, dl, d / "data", d / "emb", size_multiple=32, device="cpu")
-    cdl = make_controlnet_datalist(dl, d / "data", d / "emb", d / "controlnet_datalist.json")
-    return {"dir": d, "datalist": dl, "controlnet_datalist": cdl}
+    "Phantoms (+ datalist), tiny checkpoints, their latents and a ControlNet datalist (conftest.tiny_training_data)."
+    return tiny_training_data(tmp_path_factory.mktemp("crash"))
 
 def vae_run(data, out:Path):
     return "maisi_nb.vae:train_vae_cli", [
