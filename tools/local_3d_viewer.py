@@ -13,8 +13,9 @@ Then, for a sample written by `maisi_generate` or `result.save(...)`:
 The viewer reads the NIfTI geometry itself (spacing, origin, direction) and draws the CT as a volume rendering with
 the labels coloured on top; its menu (top left) has slice views, colour maps and the label opacity.
 """
-import argparse, base64, fcntl, functools, http.server, json, os, select, shutil, subprocess, tempfile, threading, time
+import argparse, base64, functools, http.server, os, shutil, tempfile, threading, time
 from pathlib import Path
+from chromium import Chromium   # tools/chromium.py
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--no-first-run", "--disable-background-networking", "--hide-scrollbars",
                   "--use-angle=swiftshader", "--enable-unsafe-swiftshader",   # WebGL without a GPU
@@ -46,50 +47,12 @@ def viewer_url(base:str, image, label=None) -> str:
     url = f"{base}/viewer/index.html?image={base}/data/{Path(image).name}"
     return url + (f"&labelImage={base}/data/{Path(label).name}" if label else "")
 
-class _Chromium:
-    "Headless Chromium over the DevTools protocol on a pipe (fds 3 and 4): no websocket library needed."
-    def __init__(self, profile, chromium="/usr/bin/chromium"):
-        to_r, self._w = os.pipe(); self._r, from_w = os.pipe()
-        hi = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (to_r, from_w)]
-        self.proc = subprocess.Popen([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-pipe"],
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     preexec_fn=lambda: (os.dup2(hi[0], 3), os.dup2(hi[1], 4)), close_fds=False)
-        for fd in (to_r, from_w, *hi): os.close(fd)
-        self._buf, self._id = b"", 0
-        target = self.send("Target.createTarget", url="about:blank")["targetId"]
-        self.session = self.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
-
-    def send(self, method, session=False, timeout=120, **params):
-        self._id += 1
-        msg = {"id": self._id, "method": method, "params": params, **({"sessionId": self.session} if session else {})}
-        os.write(self._w, json.dumps(msg).encode() + b"\0")
-        end = time.time() + timeout
-        while True:
-            while b"\0" not in self._buf:
-                if not select.select([self._r], [], [], max(0., end - time.time()))[0]: raise TimeoutError(f"{method}: no reply from Chromium")
-                chunk = os.read(self._r, 1 << 20)
-                if not chunk: raise RuntimeError("Chromium closed the pipe")
-                self._buf += chunk
-            raw, self._buf = self._buf.split(b"\0", 1)
-            m = json.loads(raw)
-            if m.get("id") == self._id:
-                if "error" in m: raise RuntimeError(f"{method}: {m['error']}")
-                return m.get("result", {})
-
-    def close(self):
-        try: self.send("Browser.close", timeout=10)
-        except Exception: pass
-        try: self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired: self.proc.kill(); self.proc.wait()
-        for fd in (self._r, self._w): os.close(fd)
-
 def screenshot(url:str, png, size=(1200, 800), wait:float=15.) -> Path:
     "Open `url` in headless Chromium, let the viewer load and render for `wait` seconds, write a PNG (atomically)."
     png = Path(png); png.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as profile:
-        b = _Chromium(profile)
+        b = Chromium(profile, CHROMIUM_FLAGS, size=size)
         try:
-            b.send("Emulation.setDeviceMetricsOverride", session=True, width=size[0], height=size[1], deviceScaleFactor=1, mobile=False)
             b.send("Page.navigate", session=True, url=url)
             time.sleep(wait)
             data = base64.b64decode(b.send("Page.captureScreenshot", session=True, format="png")["data"])
