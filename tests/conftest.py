@@ -58,3 +58,13 @@ def tiny_training_data(d):
     make_latents(nets.autoencoder, dl, d / "data", d / "emb", size_multiple=32, device="cpu")
     out["controlnet_datalist"] = make_controlnet_datalist(dl, d / "data", d / "emb", d / "controlnet_datalist.json")
     return out
+
+import pytest
+
+@pytest.fixture(scope="module")
+def one_thread():
+    "A shared 2-core machine: one OpenMP thread per test process is much faster than two competing ones."
+    import torch
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

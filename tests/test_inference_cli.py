@@ -15,12 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GRID = ["--output-size", "32", "32", "32", "--spacing", "12", "12", "12", "--num-inference-steps", "2",
         "--max-attempts", "1"]
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    "This suite runs on a shared 2-core machine where 2 OpenMP threads are much slower than 1."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: one OpenMP thread per test module
 
 def run_cli(*args, cwd=ROOT):
     "The command in a fresh interpreter, as a user runs it."

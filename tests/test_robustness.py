@@ -26,12 +26,7 @@ RELEASED = ["autoencoder_v1.pt", "diff_unet_3d_rflow-ct.pt", "controlnet_3d_rflo
             "mask_generation_diffusion_unet.pt"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    "A shared 2-core machine: one OpenMP thread is much faster than two competing ones."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: one OpenMP thread per test module
 
 
 class Evil:
