@@ -158,8 +158,8 @@ def set_scores(gen:list, ref:list, subsets:list) -> dict:
 # ---------------------------------------------------------------- data
 def phantom_phase(seed:int) -> str:
     "Contrast phase the phantom generator drew for `seed` (make_phantom's contrast=None)."
-    from maisi_nb.phantoms import _Subject
-    return "ct_contrast" if _Subject(seed).contrast else "ct_wo_contrast"
+    from maisi_nb.phantoms import phantom_contrast
+    return "ct_contrast" if phantom_contrast(seed) else "ct_wo_contrast"
 
 def fit_grid(img:np.ndarray, lab:np.ndarray, affine:np.ndarray, size) -> tuple:
     "Pad (air, at the end) or centre-crop a volume and its label to `size`; the affine follows the crop."

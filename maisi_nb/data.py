@@ -16,7 +16,7 @@ from scipy import ndimage as ndi
 from monai import transforms as mt
 from monai.data import MetaTensor
 from monai.utils import ensure_tuple_rep
-from .labels import LABELS, BODY_ID, label_id, label_name, region_indices_from_mask
+from .labels import LABELS, BODY_ID, label_id, label_name, modality_id, region_indices_from_mask
 from .utils import progress, save_json, save_nifti, spacing_from_affine
 
 # %% auto #0
@@ -281,16 +281,18 @@ def make_example_dataset(out_dir, # folder to write images/, labels/ and datalis
                          num_folds:int=5, # record i gets fold i % num_folds
                          overwrite:bool=False, # replace existing files
                          ct:ExampleCT|None=None, # source volume (default: `load_example_ct()`)
+                         modality:str="ct_contrast", # recorded per sample: the example CT is contrast-enhanced (aorta ~400 HU)
                          **augment_kwargs, # passed to `augment_example_ct`
                         ) -> Path:
     "Write `num_samples` augmented variants of the example CT plus a datalist; returns the datalist path."
     out, ct = Path(out_dir), ct if ct is not None else load_example_ct()
-    seed = _check_seed(seed)
+    seed = _check_seed(seed); modality_id(modality, "modality")  # a known modality name or code, checked before any work
     records = []
     for i in progress(range(num_samples), desc="example dataset"):
         v = augment_example_ct(ct, seed + i, output_size, **augment_kwargs)
         rec = {"image": f"images/ct_{i:04d}.nii.gz", "label": f"labels/ct_{i:04d}.nii.gz", "fold": i % num_folds,
-               "dim": list(v.image.shape), "spacing": [round(s, 6) for s in v.spacing]}
+               "dim": list(v.image.shape), "spacing": [round(s, 6) for s in v.spacing],
+               "modality": modality}
         try: rec["top_region_index"], rec["bottom_region_index"] = region_indices_from_mask(v.label)
         except ValueError: pass  # no indicator organ in this crop
         v.to_nifti(out / rec["image"], out / rec["label"], overwrite)

@@ -17,7 +17,7 @@ from .config import command_parser, cli_command
 
 # %% auto #0
 __all__ = ['WINDOWS', 'REGION_Z', 'SPINE', 'LEVEL_Z', 'TISSUES', 'LOBES', 'ORGAN_SCALE_KEYS', 'TUMOR_RADIUS', 'label_colors',
-           'show_ct', 'spine_y', 'diaphragm_z', 'Phantom', 'parse_regions', 'fov_z', 'make_phantom',
+           'show_ct', 'spine_y', 'diaphragm_z', 'Phantom', 'parse_regions', 'fov_z', 'make_phantom', 'phantom_contrast',
            'parse_region_choices', 'make_phantom_dataset', 'make_phantoms_cli']
 
 # %% ../nbs/00e_phantoms.ipynb #8baffe8e
@@ -981,6 +981,12 @@ def make_phantom(output_size=(64, 64, 64), # voxels (X, Y, Z)
     _paint_tumors(c, S, tum, strict_tumors)
     return Phantom(_render(c, S, noise_hu), c.label, affine_from_spacing(sp, c.origin))
 
+def phantom_contrast(seed:int, # the phantom's seed
+                     contrast:bool=None, # what was passed to `make_phantom` (None: the seed decides)
+                    ) -> bool:
+    "Whether `make_phantom(seed=seed, contrast=contrast)` is contrast-enhanced (portal venous)."
+    return _Subject(_check_seed(seed), contrast).contrast
+
 # %% ../nbs/00e_phantoms.ipynb #776b46d2
 _REGION_TUMORS = {"head": (128,), "chest": (23, 128), "abdomen": (26, 24, 27, 128), "lower": (27, 128)}
 
@@ -1009,7 +1015,8 @@ def _write_one(job):
     out, i, fold, size, sp, vseed, regs, tum, dtype, overwrite, z_jitter = job
     zoff = float(np.random.default_rng([vseed, 1]).uniform(-z_jitter, z_jitter)) if z_jitter else 0.
     img, lab, aff = make_phantom(size, sp, regs, seed=vseed, tumors=tum, z_offset_mm=zoff, strict_tumors=False)
-    rec = {"image": f"imagesTr/p{i:04d}.nii.gz", "label": f"labelsTr/p{i:04d}.nii.gz", "fold": fold}
+    rec = {"image": f"imagesTr/p{i:04d}.nii.gz", "label": f"labelsTr/p{i:04d}.nii.gz", "fold": fold,
+           "modality": "ct_contrast" if phantom_contrast(vseed) else "ct_wo_contrast"}  # the phase, as MAISI v2 codes it
     save_nifti(np.rint(img) if dtype == "int16" else img, aff, Path(out) / rec["image"], overwrite, dtype=dtype)
     save_nifti(lab, aff, Path(out) / rec["label"], overwrite, dtype=np.uint8)
     try: top, bottom = region_indices_from_mask(lab)
