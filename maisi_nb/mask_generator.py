@@ -171,7 +171,7 @@ def make_mask_phantoms(out_dir, # folder for labelsTr/ and datalist.json
         rel = f"labelsTr/m{i:04d}.nii.gz"
         save_nifti(ph.label, ph.affine, out / rel, overwrite=True, dtype=np.uint8)
         recs.append({"label": rel, "organ_scale": scale, "tumors": [list(t) for t in tum]})
-    return save_json({"training": recs}, dl)
+    return save_json({"training": recs}, dl, overwrite=overwrite)
 
 # %% ../nbs/03a_mask_generator.ipynb #cfe83c2b
 def _dice_loss(logits:torch.Tensor, target:torch.Tensor, eps:float=1e-5) -> torch.Tensor:
@@ -364,7 +364,7 @@ def train_mask_diffusion(config=None, # training config (file or dict), see MASK
     def export(rec, improved):
         save_checkpoint(unet, out, "mask_generation_diffusion", scale_factor=trainer.extra["scale_factor"], overwrite=True,
                         epoch=rec["epoch"], loss=rec["train_loss"], num_train_timesteps=sch.num_train_timesteps)
-        save_json(size_condition_records([Path(f).name for f in label_files], vols), sc_file)
+        save_json(size_condition_records([Path(f).name for f in label_files], vols), sc_file, overwrite=True)
 
     trainer.step, trainer.loader, trainer.export = step, loader, export
     trainer.fit(resume, until_epoch)
@@ -527,7 +527,7 @@ def _half(path_in:Path, path_out:Path):
     h = lambda sd: {k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}
     ck = {**ck, "unet_state_dict": h(ck["unet_state_dict"])} if "unet_state_dict" in ck else h(ck)
     path_out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path_out) as tmp: torch.save(ck, tmp)
+    with atomic_path(path_out, overwrite=True) as tmp: torch.save(ck, tmp)
 
 def build_demo_mask_database(out_dir, # the bundle folder: writes datasets/masks/ and datasets/candidate_masks.json
                              recipe:dict=DEMO_MASK_RECIPE) -> list:
@@ -556,7 +556,7 @@ def train_demo_mask_generator(out_dir, # the bundle folder (e.g. maisi_nb/demo_m
         make_mask_phantoms(w / "data", ph["n"], ph["output_size"], ph["spacing"], seed=seed, overwrite=True)
     timings["phantoms_s"] = time.time() - t
     common = ["-s", str(seed), "--device", device, "--datalist", str(dl), "--model_dir", str(w / "models"),
-              "--network_config", net if isinstance(net, str) else str(save_json(net, w / "network_config.json"))]
+              "--network_config", net if isinstance(net, str) else str(save_json(net, w / "network_config.json", overwrite=True))]
     for name, cli, stage in (("mask_generation_autoencoder", train_mask_vae_cli, "vae"),
                              ("mask_generation_diffusion_unet", train_mask_diffusion_cli, "diffusion")):
         t, done = time.time(), w / f"{name}.done"
@@ -569,10 +569,10 @@ def train_demo_mask_generator(out_dir, # the bundle folder (e.g. maisi_nb/demo_m
     keep = ("spatial_dims", "latent_channels", "mask_generation_latent_shape", "mask_generation_autoencoder_def",
             "mask_generation_diffusion_def", "mask_generation_noise_scheduler")
     sf = float(torch.load(out / _MASK_MODELS["mask_generation_diffusion"], weights_only=True)["scale_factor"])
-    save_json({k: cfg[k] for k in keep} | {"mask_generation_scale_factor": sf}, out / MASK_GENERATOR_CONFIG)
+    save_json({k: cfg[k] for k in keep} | {"mask_generation_scale_factor": sf}, out / MASK_GENERATOR_CONFIG, overwrite=True)
     (out / "datasets").mkdir(parents=True, exist_ok=True)
     sc = json.loads((w / "models" / SIZE_CONDITIONS_FILE).read_text())
-    save_json(sc, out / "datasets" / SIZE_CONDITIONS_FILE)
+    save_json(sc, out / "datasets" / SIZE_CONDITIONS_FILE, overwrite=True)
     t = time.time(); build_demo_mask_database(out, recipe); timings["database_s"] = time.time() - t
     import shutil
     for name in ("mask_generation_autoencoder", "mask_generation_diffusion_unet"):
@@ -582,7 +582,7 @@ def train_demo_mask_generator(out_dir, # the bundle folder (e.g. maisi_nb/demo_m
     info = {"recipe": recipe, "timings_s": {k: round(v, 1) for k, v in timings.items()},
             "final": {n: {k: v for k, v in h[-1].items() if k.startswith("train_")} for n, h in hist.items()},
             "scale_factor": sf, "n_size_records": len(sc)}
-    save_json(info, out / "training.json")
+    save_json(info, out / "training.json", overwrite=True)
     return info
 
 @cli_command("maisi_train_demo_masks")

@@ -23,8 +23,8 @@ from .hu_qc import (MEDIAN_STATISTICS, ORGAN_GROUPS, OrganQC, QCResult, QC_RULES
 from .features import (FEATURE_NETWORKS, HEDVGG16, HED_PREPROCESSING, MAISI_PREPROCESSING, PLANES, RadImageNetResNet50, SlicePreprocessing, TinyFeatureNet, center_slice_range, extract_features_2p5d, hed_weights_path, hu_to_unit, load_feature_network, load_hed_vgg16, network_info, perceptual_distance, plane_slices, preprocess_slices, reconstruction_metrics, reconstruction_table)
 
 # %% auto #0
-__all__ = ['fid_from_features', 'load_volume_for_fid', 'fid_settings', 'settings_hash', 'FeatureCache', 'list_volumes',
-           'compute_fid', 'qc_cli', 'fid_cli']
+__all__ = ['fid_from_features', 'load_volume_for_fid', 'check_finite_volume', 'fid_settings', 'settings_hash', 'FeatureCache',
+           'list_volumes', 'compute_fid', 'qc_cli', 'fid_cli']
 
 # %% ../nbs/05_qc.ipynb #d5e8c215
 def fid_from_features(synth:dict, # {plane: (N,C)} features of the synthetic set
@@ -52,11 +52,15 @@ def load_volume_for_fid(path, spacing=None, target_shape=None, pad:bool=True, cr
     if target_shape is not None and pad: t.append(SpatialPad(tuple(target_shape), mode="constant", value=-1000))
     if target_shape is not None and crop: t.append(CenterSpatialCrop(tuple(target_shape)))
     t.append(ScaleIntensityRange(-1000, 1000, -1000, 1000, clip=True))
-    load_nifti(path)   # a missing, truncated or non-NIfTI file is one clear error naming it
-    v = torch.as_tensor(Compose(t)(str(path)))[0].float()
-    bad = int(v.numel() - torch.isfinite(v).sum())
-    if bad: raise ValueError(f"volumes: {path} has {bad} NaN/Inf voxels; FID of such a volume means nothing (check it with maisi_qc)")
-    return v
+    check_finite_volume(path)   # as stored: the HU clip would turn an Inf into 1000
+    return torch.as_tensor(Compose(t)(str(path)))[0].float()
+
+def check_finite_volume(path, what:str="volumes") -> Path:
+    "`path` if every voxel of the volume as stored is finite; else one clear error naming the file."
+    arr = load_nifti(path)[0]   # a missing, truncated or non-NIfTI file is one clear error naming it too
+    bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+    if bad: raise ValueError(f"{what}: {path} has {bad} NaN/Inf voxels; FID of such a volume means nothing (check it with maisi_qc)")
+    return Path(path)
 
 def fid_settings(network:nn.Module, preprocessing:SlicePreprocessing, center_slices_ratio=None, spacing=None,
                  target_shape=None, pad:bool=True, crop:bool=True, planes=PLANES) -> dict:
@@ -91,9 +95,10 @@ class FeatureCache:
         ok = d.get("settings") == json.dumps(self.settings, sort_keys=True, default=str) and d.get("source") == json.dumps(self._source(file))
         return {k: d[k] for k in PLANES if k in d} if ok else None
     def save(self, file, feats:dict):
-        if not (self.dir / "settings.json").exists(): save_json(self.settings, self.dir / "settings.json")
+        "Store a volume's features, replacing a stale file of the same volume."
+        if not (self.dir / "settings.json").exists(): save_json(self.settings, self.dir / "settings.json", overwrite=True)
         torch_save({"settings": json.dumps(self.settings, sort_keys=True, default=str),
-                    "source": json.dumps(self._source(file)), **feats}, self.path(file))
+                    "source": json.dumps(self._source(file)), **feats}, self.path(file), overwrite=True)
 
 # %% ../nbs/05_qc.ipynb #65b68ebd
 def list_volumes(source, # a folder, a .txt file list, or a list of files
@@ -140,6 +145,7 @@ def compute_fid(real, # real volumes: folder, .txt list or list of files
     "2.5D FID between two sets of CT volumes, with everything needed to reproduce the number."
     real_files = list_volumes(real, real_root, num_images)
     synth_files = list_volumes(synth, synth_root, num_images)
+    for f in progress(synth_files, desc="checking synthetic volumes"): check_finite_volume(f, "synth")  # fail fast: before any feature
     net = load_feature_network(network, weights, device=device) if isinstance(network, str) else network.eval()
     pre = preprocessing or getattr(net, "default_preprocessing", MAISI_PREPROCESSING)
     settings = fid_settings(net, pre, center_slices_ratio, spacing, target_shape, pad, crop, planes)

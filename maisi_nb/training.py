@@ -109,8 +109,8 @@ def fault_point(point:str, epoch:int, step:int|None=None):
 STATE_FORMAT = "maisi_nb-train-state/1"
 
 def save_state(state:dict, path, epoch:int=-1):
-    "Write a training state atomically: complete under its final name, or not there at all."
-    with atomic_path(path) as tmp:
+    "Write a training state atomically: complete under its final name, or not there at all (replaces the previous epoch's)."
+    with atomic_path(path, overwrite=True) as tmp:
         torch.save({"format": STATE_FORMAT, **state}, tmp)
         fault_point("state_tmp", epoch)
     return Path(path)
@@ -247,7 +247,7 @@ class Trainer(Trainer):
         "Released weights (via `export`) and the metrics log, from the current state (rank 0)."
         if self.export is not None and self.records: self.export(self.records[-1], self.records[-1].get("improved", False))
         fault_point("exported", epoch)
-        with atomic_path(self.files.metrics) as tmp:
+        with atomic_path(self.files.metrics, overwrite=True) as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
 
     def save(self, epoch:int):
@@ -318,7 +318,7 @@ def plot_history(history:dict, # a `Trainer.history`
     return fig
 
 def save_plot(fig, path):
-    "Save a figure as PNG atomically and close it (no pyplot state changes)."
-    with atomic_path(path) as tmp: fig.savefig(tmp, format="png")
+    "Save a figure as PNG atomically, replacing a run's previous plot, and close it (no pyplot state changes)."
+    with atomic_path(path, overwrite=True) as tmp: fig.savefig(tmp, format="png")
     import matplotlib.pyplot as plt
     plt.close(fig); return Path(path)

@@ -344,6 +344,24 @@ def test_quality_check_and_maisi_qc_fail_non_finite(F):
     assert rc == 1 and "FAILED" in out and NONFINITE in out, out + err
 
 
+@pytest.mark.parametrize("value", [np.inf, -np.inf, np.nan])
+def test_maisi_fid_checks_synthetic_volumes_first(F, tmp_path, monkeypatch, value):
+    "One non-finite voxel in one synthetic volume (an Inf the HU clip would hide) stops maisi_fid before any feature."
+    import maisi_nb.qc as qc
+    def boom(*a, **k): raise AssertionError("features computed before the synthetic volumes were checked")
+    monkeypatch.setattr(qc, "extract_features_2p5d", boom)
+    img, aff = load_nifti(F["d"] / "vols" / "v0.nii.gz", np.float32)
+    save_nifti(img, aff, tmp_path / "synth" / "a.nii.gz"); img[3, 4, 5] = value
+    bad = save_nifti(img, aff, tmp_path / "synth" / "b.nii.gz")
+    rc, _, err = call(fid_cli, ["--real", sub(F, "{d}/vols"), "--synth", str(tmp_path / "synth"), "--network", "random_tiny",
+                                "--cache-dir", str(tmp_path / "cache")])
+    assert rc == 2 and err.strip() == (f"maisi_fid: error: synth: {bad} has 1 NaN/Inf voxels; FID of such a volume means "
+                                       "nothing (check it with maisi_qc)"), err
+    assert not list((tmp_path / "cache").rglob("*.pt"))
+    with pytest.raises(ValueError, match="synth: .*b.nii.gz has 1 NaN/Inf voxels"):
+        qc.compute_fid(F["d"] / "vols", tmp_path / "synth", "random_tiny")
+
+
 def test_nothing_checked_is_not_passed(F, tmp_path):
     "A label with body only (or only organs QC does not measure) is 'not checked', and maisi_qc exits 1."
     img = load_nifti(F["image"], np.float32)[0]
