@@ -18,7 +18,7 @@ from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
 from monai.networks.schedulers.rectified_flow import timestep_transform
 from .utils import (in_test, progress, default_device, make_generator, randn, save_json,
                             spacing_from_affine, save_nifti, load_nifti)
-from .labels import MODALITIES, modality_id, region_indices_from_mask
+from .labels import MODALITIES, modality_id, region_indices_from_mask, augment_modality_labels
 from .data import latent_transforms, diffusion_transforms, REGION_KEYS, read_datalist, validate_dataset
 from .sampling import (make_scheduler, is_rflow, set_inference_timesteps, unwrap_model, model_conditioning,
                                unet_forward, make_generators, batch_randn, ddpm_step, sample_latents, _rows)
@@ -29,11 +29,11 @@ from .training import (setup_distributed, dist_info, ddp, prepare_run, RunFiles,
                                amp_enabled, amp_step)
 
 # %% auto #0
-__all__ = ['LATENT_DATALIST', 'ENV_KEYS', 'TRAIN_KEYS', 'INFER_KEYS', 'sample_train_timesteps', 'training_target',
-           'diffusion_loss', 'encode_latent', 'embedding_name', 'make_latents', 'compute_scale_factor',
-           'load_diffusion_config', 'latent_records', 'check_records', 'latent_dataset', 'latent_loader',
-           'save_diffusion_checkpoint', 'diffusion_step', 'train_diffusion', 'generate_images', 'make_latents_cli',
-           'train_diffusion_cli']
+__all__ = ['LATENT_DATALIST', 'ENV_KEYS', 'TRAIN_KEYS', 'V2_MODALITY_DROPOUT', 'INFER_KEYS', 'sample_train_timesteps',
+           'training_target', 'diffusion_loss', 'encode_latent', 'embedding_name', 'make_latents',
+           'compute_scale_factor', 'load_diffusion_config', 'latent_records', 'check_records', 'latent_dataset',
+           'latent_loader', 'save_diffusion_checkpoint', 'training_class_labels', 'diffusion_step', 'train_diffusion',
+           'generate_images', 'make_latents_cli', 'train_diffusion_cli']
 
 # %% ../nbs/02_diffusion_train.ipynb #8a0c5072
 def sample_train_timesteps(scheduler, x0:torch.Tensor, # (B,C,X,Y,Z) clean latents
@@ -186,15 +186,17 @@ def compute_scale_factor(z:torch.Tensor, # a batch of unscaled latents
 # %% ../nbs/02_diffusion_train.ipynb #147fbfd1
 ENV_KEYS = ("data_base_dir", "embedding_base_dir", "json_data_list", "model_dir", "model_filename", "output_dir",
             "output_prefix", "trained_autoencoder_path", "existing_ckpt_filepath", "modality_mapping_path")
-TRAIN_KEYS = {"batch_size": 1, "cache_rate": 0.0, "lr": 1e-4, "n_epochs": 1000}   # MAISI's defaults
+TRAIN_KEYS = {"batch_size": 1, "cache_rate": 0.0, "lr": 1e-4, "n_epochs": 1000,   # MAISI's defaults
+              "modality_dropout": 0.0}   # NV-Generate v2 label dropout; 0 = off (MAISI v1)
+V2_MODALITY_DROPOUT = 0.1   # what NV-Generate v2's diff_model_train.py applies
 INFER_KEYS = ("dim", "spacing", "top_region_index", "bottom_region_index", "random_seed", "num_inference_steps",
               "modality", "cfg_guidance_scale")
 
-_SECTIONS = {"environment": dict.fromkeys(ENV_KEYS), "diffusion_unet_train": TRAIN_KEYS,
+_SECTIONS = {"environment": dict.fromkeys(ENV_KEYS), "diffusion_unet_train": TRAIN_KEYS | {"modality_dropout": None},
              "diffusion_unet_inference": dict.fromkeys(INFER_KEYS)}
 _RULES = {**{k: TEXT | NONE for k in ENV_KEYS},
           "batch_size": number(1, integer=True), "cache_rate": number(0, 1), "lr": number(0, lo_open=True),
-          "n_epochs": number(1, integer=True),
+          "n_epochs": number(1, integer=True), "modality_dropout": number(0, 1) | NONE,   # None: decided by the environment
           "dim": vector(3, 1, integer=True) | NONE, "spacing": vector(3, 0, lo_open=True) | NONE,
           "top_region_index": vector(4, 0, integer=True) | NONE, "bottom_region_index": vector(4, 0, integer=True) | NONE,
           "random_seed": number(integer=True) | NONE, "num_inference_steps": number(1, integer=True) | NONE,
@@ -211,7 +213,10 @@ def load_diffusion_config(env_config, # environment JSON (path or dict): ENV_KEY
     cfg = load_config(_SECTIONS, _RULES, files, overrides)
     missing = [k for k in require if cfg["environment"][k] is None]
     if missing: raise ValueError(f"env_config: missing value(s) for {missing}")
-    train = {k: int(v) if isinstance(TRAIN_KEYS[k], int) else float(v) for k, v in cfg["diffusion_unet_train"].items()}
+    t = cfg["diffusion_unet_train"]
+    if t["modality_dropout"] is None:   # not set: NV-Generate v2's environments (they name a modality table) get v2's 0.1
+        t["modality_dropout"] = V2_MODALITY_DROPOUT if cfg["environment"]["modality_mapping_path"] else TRAIN_KEYS["modality_dropout"]
+    train = {k: int(v) if isinstance(TRAIN_KEYS[k], int) else float(v) for k, v in t.items()}
     return {**cfg["environment"], **train, "diffusion_unet_inference": cfg["diffusion_unet_inference"]}
 
 # %% ../nbs/02_diffusion_train.ipynb #06a18550
@@ -260,14 +265,33 @@ def save_diffusion_checkpoint(path, unet, scale_factor, epoch:int, loss:float, n
                            epoch=int(epoch), loss=float(loss), num_train_timesteps=int(num_train_timesteps))
 
 # %% ../nbs/02_diffusion_train.ipynb #7d421bdd
+def _check_dropout(p) -> float:
+    "`modality_dropout` as a float, or one ValueError naming it and the allowed range."
+    return float(number(0, 1).validate("modality_dropout", p))
+
+def training_class_labels(model, batch:dict, # a training batch: "image" (B,...), optional per-sample "modality" codes
+                          modality=1, # name or code used when the batch carries none
+                          modality_dropout:float=0.0, # NV-Generate v2's label dropout probability (0: off)
+                          generator:torch.Generator=None, # draws the dropout (CPU)
+                         ):
+    "The modality labels a training step gives the UNet: the batch's own (else `modality`), with v2's dropout when asked."
+    codes, p = batch.get("modality", modality), _check_dropout(modality_dropout)
+    if p == 0 or getattr(unwrap_model(model), "num_class_embeds", None) is None: return codes  # no draws: v1 runs unchanged
+    lab = torch.as_tensor(modality_id(codes) if isinstance(codes, str) else codes, dtype=torch.long).reshape(-1).cpu()
+    if lab.numel() == 1: lab = lab.expand(batch["image"].shape[0])
+    return augment_modality_labels(lab, p, generator)
+
 def diffusion_step(model, scheduler, batch:dict, # {"image": (B,4,X,Y,Z) unscaled latents, "spacing", region one-hots}
-                   optimizer, scaler, scale_factor:float, generator:torch.Generator, modality=1, amp:bool=False) -> dict:
+                   optimizer, scaler, scale_factor:float, generator:torch.Generator, modality=1, amp:bool=False,
+                   modality_dropout:float=0.0, # NV-Generate v2's modality label dropout (see `training_class_labels`)
+                  ) -> dict:
     "One MAISI training iteration: x0 = latent · scale_factor, L1 `diffusion_loss` under autocast, scaled step (a batch's own modality codes win over `modality`)."
     device = next(unwrap_model(model).parameters()).device
+    labels = training_class_labels(model, batch, modality, modality_dropout, generator)   # drawn before the noise
     x0 = batch["image"].to(device) * torch.tensor(scale_factor, dtype=torch.float32, device=device)
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-        loss = diffusion_loss(model, scheduler, x0, spacing=batch.get("spacing"), modality=batch.get("modality", modality), generator=generator,
+        loss = diffusion_loss(model, scheduler, x0, spacing=batch.get("spacing"), modality=labels, generator=generator,
                               top_region_index=batch.get("top_region_index"), bottom_region_index=batch.get("bottom_region_index"))
     amp_step(loss, optimizer, scaler)
     return {"loss": loss.item()}
@@ -280,9 +304,12 @@ def train_diffusion(unet, scheduler, records:list, # from `latent_records`
                     overwrite:bool=False, # start a new run where ckpt_path's run already is
                     scale_factor=None, # keep this scale factor (e.g. from a pretrained checkpoint) instead of computing it
                     until_epoch:int=None, # stop after this epoch (e.g. a time-limited job); resume later
-                    modality=1, seed:int=0, device=None, amp:bool=None, num_workers:int=0, progress_bar:bool=True) -> dict:
+                    modality=1, # the run's modality (name or code) for latents whose records name none
+                    modality_dropout:float=0.0, # NV-Generate v2's modality label dropout (0: off, v2 trains with 0.1)
+                    seed:int=0, device=None, amp:bool=None, num_workers:int=0, progress_bar:bool=True) -> dict:
     "Train a diffusion UNet on latents as MAISI does; returns the `Trainer` history (the UNet is trained in place)."
     device, (rank, world) = default_device(device), dist_info()
+    modality_dropout = _check_dropout(modality_dropout)
     amp = amp_enabled(True if amp is None else amp, device)
     files = RunFiles(Path(ckpt_path).parent, Path(ckpt_path).stem) if ckpt_path is not None else None
     if files is not None: prepare_run(files, resume, overwrite, outputs=[ckpt_path], rank=rank)
@@ -295,13 +322,15 @@ def train_diffusion(unet, scheduler, records:list, # from `latent_records`
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
     model = ddp(unet, device, world)
     def epoch_batches(epoch): loader.sampler.set_epoch(epoch); return loader
-    def step(batch, g): return diffusion_step(model, scheduler, batch, opt, scaler, trainer.extra["scale_factor"], g, modality, amp)
+    def step(batch, g): return diffusion_step(model, scheduler, batch, opt, scaler, trainer.extra["scale_factor"], g, modality, amp,
+                                                  modality_dropout)
     def export(record, improved):
         save_diffusion_checkpoint(ckpt_path, unet, trainer.extra["scale_factor"], record["epoch"], record["train_loss"],
                                   scheduler.num_train_timesteps)
     trainer = Trainer(step, {"unet": unet, "optimizer": opt, "lr_scheduler": sched, "scaler": scaler}, epoch_batches,
                       n_epochs, seed, files, export=export if files is not None else None, step_schedulers=[sched],
-                      lr_of=opt, meta={"lr": float(lr), "batch_size": int(batch_size)}, rank=rank, world_size=world,
+                      lr_of=opt, meta={"lr": float(lr), "batch_size": int(batch_size),
+                      **({"modality_dropout": modality_dropout} if modality_dropout else {})}, rank=rank, world_size=world,
                       device=device, progress_bar=progress_bar)
     if resume:
         trainer.resume()   # the scale factor comes from the state, never from a fresh batch
@@ -397,7 +426,8 @@ def train_diffusion_cli(argv=None):
     modality = int(a.modality) if str(a.modality).isdigit() else a.modality
     hist = train_diffusion(unet, scheduler, records, n_epochs=cfg["n_epochs"], lr=cfg["lr"], batch_size=cfg["batch_size"],
                            cache_rate=cfg["cache_rate"], ckpt_path=ckpt, resume=a.resume, overwrite=a.overwrite,
-                           scale_factor=scale_factor, modality=modality, seed=a.seed, device=device,
+                           scale_factor=scale_factor, modality=modality,
+                           modality_dropout=cfg["modality_dropout"], seed=a.seed, device=device,
                            amp=amp_enabled(not a.no_amp, device))
     if rank == 0:
         from matplotlib.figure import Figure   # off-screen: no pyplot state, also when called inside a notebook

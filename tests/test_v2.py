@@ -333,3 +333,58 @@ def test_generate_image_only_units(preset, variant, modality, lo, hi):
     img = r["image"]
     assert img.shape == (32, 32, 32) and img.min() >= lo and (hi is None or img.max() <= hi)
     assert r["image_kind"] == ("mr" if lo == 0 else "ct") and r["guidance_scale"] == VARIANTS[variant].guidance_scale
+
+
+# ---- training side: modality label dropout in diffusion training
+
+def _labels_seen(unet):
+    "A list that collects the class labels each forward of `unet` receives, and the hook to remove."
+    seen = []
+    return seen, unet.class_embedding.register_forward_hook(lambda m, i, o: seen.append(i[0].tolist()))
+
+
+def _dropout_step(unet, batch, p, seed=7):
+    from maisi_nb.diffusion import diffusion_step
+    opt = torch.optim.SGD(unet.parameters(), lr=0.0)  # the labels are what is checked; the weights stay
+    return diffusion_step(unet, make_scheduler("rflow"), batch, opt, torch.amp.GradScaler("cpu", enabled=False), 1.0,
+                          make_generator(seed), modality_dropout=p)
+
+
+def test_modality_dropout_reaches_the_unet():
+    "With a fixed generator the UNet sees v2's augmented labels (drawn before the noise); 0.0 leaves them untouched."
+    from maisi_nb.labels import augment_modality_labels
+    from maisi_nb.diffusion import diffusion_loss
+    unet = build_networks("tiny", "cpu", which=("diffusion_unet",), seed=0).diffusion_unet
+    codes = torch.tensor([2, 3, 7, 9, 10, 29, 33, 1, 8, 1] * 3)
+    batch = {"image": randn((30, 4, 8, 8, 8), make_generator(0)), "spacing": torch.ones(30, 3), "modality": codes}
+    seen, hook = _labels_seen(unet)
+    try:
+        _dropout_step(unet, batch, 0.4)
+        want = augment_modality_labels(codes, 0.4, make_generator(7))
+        assert seen.pop() == want.tolist()
+        changed = want != codes
+        assert changed.sum() >= 8  # something changed, and only as v2 relabels: 2-7 -> 1, >= 9 -> 8, any -> 0
+        for c, w in zip(codes[changed].tolist(), want[changed].tolist()):
+            assert w == 0 or (2 <= c <= 7 and w == 1) or (c >= 9 and w == 8), (c, w)
+        for p in (0, 0.0):  # off: labels untouched and nothing drawn, so the loss is the plain diffusion loss
+            loss = _dropout_step(unet, batch, p)["loss"]
+            assert seen.pop() == codes.tolist()
+            with torch.no_grad():
+                ref = diffusion_loss(unet, make_scheduler("rflow"), batch["image"], spacing=batch["spacing"], modality=codes,
+                                     generator=make_generator(7))
+            assert abs(loss - ref.item()) < 1e-6
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, "0.1", True, float("nan"), None])
+def test_modality_dropout_bad_values(bad):
+    from maisi_nb.diffusion import load_diffusion_config
+    unet = build_networks("tiny", "cpu", which=("diffusion_unet",), seed=0).diffusion_unet
+    batch = {"image": torch.zeros(1, 4, 8, 8, 8), "spacing": torch.ones(1, 3)}
+    with pytest.raises(ValueError) as e: _dropout_step(unet, batch, bad)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("modality_dropout: got ") and msg.endswith("allowed: a number in [0, 1]"), msg
+    if bad is not None and not isinstance(bad, str):
+        with pytest.raises(ValueError, match=r"^modality_dropout: got .*; allowed: a number in \[0, 1\] or null$"):
+            load_diffusion_config({}, overrides=[f"modality_dropout={json.dumps(bad)}"])
