@@ -13,35 +13,40 @@ from torch import nn
 from fastcore.basics import listify
 import monai
 from monai.networks.utils import copy_model_state
+from monai.transforms.utils_morphological_ops import dilate
 from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
 from .utils import default_device, load_nifti, save_nifti
-from .config import Field, number, vector, NONE, TEXT, check_fields, load_config, command_parser, cli_command
-from .labels import labels_to_bits, region_indices_from_mask, MODALITIES
+from .config import Field, number, vector, BOOL, NONE, TEXT, check_fields, load_config, command_parser, cli_command
+from .labels import labels_to_bits, region_indices_from_mask, tumor_free_mask, MODALITIES
 from .data import controlnet_transforms, read_datalist, split_by_fold, write_datalist, REGION_KEYS
 from .networks import load_checkpoint, save_checkpoint, build_networks, decode_latents, to_hu, read_checkpoint
-from .sampling import unwrap_model, sample_latents
+from .sampling import unwrap_model, sample_latents, unet_forward
 from .training import (setup_distributed, dist_info, ddp, RunFiles, Trainer, prepare_run, amp_enabled, amp_step,
                                plot_history, save_plot)
 from .diffusion import diffusion_loss, latent_loader, embedding_name
 
 # %% auto #0
 __all__ = ['CONTROLNET_TRAIN', 'CONTROLNET_INFER', 'CONTROLNET_ENVIRONMENT', 'CONTROLNET_SECTIONS', 'CONTROLNET_RULES',
-           'validate_controlnet_config', 'load_controlnet_config', 'init_controlnet_from_unet', 'freeze',
-           'setup_controlnet', 'controlnet_loss_weights', 'controlnet_loss', 'controlnet_records',
-           'check_controlnet_records', 'make_controlnet_datalist', 'controlnet_dataset', 'controlnet_checkpoint_paths',
-           'save_controlnet_checkpoint', 'load_controlnet_checkpoint', 'train_controlnet', 'decode_image',
-           'generate_from_mask', 'infer_controlnet', 'expected_hu', 'mask_agreement', 'train_controlnet_cli',
-           'infer_controlnet_cli']
+           'validate_controlnet_config', 'load_controlnet_config', 'start_controlnet_path', 'init_controlnet_from_unet',
+           'freeze', 'setup_controlnet', 'controlnet_loss_weights', 'region_contrastive_loss', 'controlnet_loss',
+           'controlnet_records', 'check_controlnet_records', 'make_controlnet_datalist', 'controlnet_dataset',
+           'controlnet_checkpoint_paths', 'save_controlnet_checkpoint', 'load_controlnet_checkpoint',
+           'train_controlnet', 'decode_image', 'generate_from_mask', 'infer_controlnet', 'expected_hu',
+           'mask_agreement', 'train_controlnet_cli', 'infer_controlnet_cli']
 
 # %% ../nbs/03_controlnet.ipynb #059adfb4
 CONTROLNET_TRAIN = {"batch_size": 1, "cache_rate": 0.0, "fold": 0, "lr": 1e-5, "n_epochs": 100,
-                    "weighted_loss_label": [129], "weighted_loss": 100}
+                    "weighted_loss_label": [129], "weighted_loss": 100,
+                    # NV-Generate v2 (its rflow-ct config switches it on); keys spelt as in NVIDIA's files
+                    "use_region_contrasive_loss": False, "region_contrasive_loss_delta": 2, "region_contrasive_loss_weight": 0.01}
 CONTROLNET_INFER = {"num_inference_steps": None, "autoencoder_sliding_window_infer_size": [80, 80, 80],
                     "autoencoder_sliding_window_infer_overlap": 0.4, "modality": 1}
 CONTROLNET_ENVIRONMENT = {"model_dir": "./models/", "output_dir": "./output/", "tfevent_path": "./outputs/tfevent",
                           "trained_autoencoder_path": None, "trained_diffusion_path": None,
                           "trained_controlnet_path": None, "exp_name": "controlnet", "data_base_dir": [],
-                          "json_data_list": []}
+                          "json_data_list": [],
+                          "existing_ckpt_filepath": None,   # NV-Generate v2: the ControlNet a training run starts from
+                          "modality_mapping_path": None}    # NV-Generate v2: accepted; the modality codes are built in
 CONTROLNET_SECTIONS = {"controlnet_train": CONTROLNET_TRAIN, "controlnet_infer": CONTROLNET_INFER,
                        "environment": CONTROLNET_ENVIRONMENT}
 
@@ -54,13 +59,15 @@ CONTROLNET_RULES = {
     "batch_size": number(1, integer=True), "cache_rate": number(0, 1), "fold": number(0, integer=True),
     "lr": number(0, 1, lo_open=True), "n_epochs": number(1, integer=True), "weighted_loss_label": _LABEL_IDS,
     "weighted_loss": number(0, lo_open=True),   # values <= 1 switch the weighting off
+    "use_region_contrasive_loss": BOOL, "region_contrasive_loss_delta": number(0), "region_contrasive_loss_weight": number(0),
     "num_inference_steps": NONE | number(1, 1000, integer=True),
     "autoencoder_sliding_window_infer_size": vector(3, 1, integer=True),
     "autoencoder_sliding_window_infer_overlap": Field(lambda v: number(0, 1).check(v) and v < 1, "a number in [0, 1)"),
     "modality": number(0, 127, integer=True) | Field(lambda v: isinstance(v, str) and v.lower() in MODALITIES,
                                                      f"a name in {list(MODALITIES)}"),
     **{k: TEXT | NONE for k in ("model_dir", "output_dir", "tfevent_path", "trained_autoencoder_path",
-                                "trained_diffusion_path", "trained_controlnet_path")},
+                                "trained_diffusion_path", "trained_controlnet_path",
+                                "existing_ckpt_filepath", "modality_mapping_path")},
     "exp_name": Field(lambda v: isinstance(v, str) and v != "" and "/" not in v and "\\" not in v,
                       "a non-empty name without slashes"),
     "data_base_dir": _PATHS, "json_data_list": _PATHS}
@@ -83,6 +90,14 @@ def load_controlnet_config(env_config=None, # environment JSON path or dict (mod
     "Merged, checked ControlNet config with sections controlnet_train, controlnet_infer and environment."
     return validate_controlnet_config(load_config(CONTROLNET_SECTIONS, CONTROLNET_RULES, overrides=overrides,
         files=[(train_config, "train_config", None), (env_config, "env_config", "environment")]))
+
+def start_controlnet_path(env:dict) -> str|None:
+    "The ControlNet a new training run starts from: `existing_ckpt_filepath` (NV-Generate v2) or `trained_controlnet_path` (MAISI v1)."
+    a, b = env.get("existing_ckpt_filepath"), env.get("trained_controlnet_path")
+    if a and b and Path(a).resolve() != Path(b).resolve():
+        raise ValueError(f"existing_ckpt_filepath: {a} and trained_controlnet_path: {b} name different ControlNets to start "
+                         "training from; set only one of them")
+    return a or b
 
 # %% ../nbs/03_controlnet.ipynb #17e6edae
 def init_controlnet_from_unet(controlnet:nn.Module, unet:nn.Module) -> dict:
@@ -127,6 +142,23 @@ def controlnet_loss_weights(label:torch.Tensor, # (B,1,X,Y,Z) full-resolution la
     ids = torch.as_tensor(list(weighted_loss_label), dtype=small.dtype, device=small.device)
     return torch.where(torch.isin(small, ids), torch.full_like(small, float(weighted_loss)), torch.ones_like(small))
 
+# %% ../nbs/03_controlnet.ipynb #7db2c235
+def region_contrastive_loss(output:torch.Tensor, # (B,C,x,y,z) UNet output with the ControlNet on the mask
+                            output_free:torch.Tensor, # the same with the tumour-free mask (same noise, timesteps)
+                            target:torch.Tensor, # (B,C,x,y,z) the training target
+                            label:torch.Tensor, label_free:torch.Tensor, # (B,1,X,Y,Z) the two full-resolution masks
+                            delta:float=2.0, # bound of the foreground term (`region_contrasive_loss_delta`)
+                           ) -> tuple:
+    "NV-Generate v2's region contrastive terms (L_fg, L_bg): outputs differ inside the removed tumours, the tumour-free output fits the target outside."
+    roi = (torch.as_tensor(label) != torch.as_tensor(label_free)).float()
+    bg = 1 - dilate(roi, 3)   # MONAI's box dilation, zero padding, at full resolution
+    size, c = output.shape[2:], output.shape[1]
+    roi, bg = (F.interpolate(m, size=size, mode="nearest").expand(-1, c, -1, -1, -1).to(output.device) for m in (roi, bg))
+    fg = -((output.float() - output_free.float()).abs() * roi).sum() / ((roi > 0).sum() + 1e-5)
+    fg = F.relu(fg + delta) - delta
+    bg_loss = ((output_free.float() - target.float()).abs() * bg).sum() / ((bg > 0).sum() + 1e-5)
+    return fg, bg_loss
+
 # %% ../nbs/03_controlnet.ipynb #f19190d0
 def controlnet_loss(unet, controlnet, scheduler,
                     x0:torch.Tensor, # (B,4,x,y,z) clean latents, already × scale_factor
@@ -134,13 +166,21 @@ def controlnet_loss(unet, controlnet, scheduler,
                     spacing=None, top_region_index=None, bottom_region_index=None, modality=1, # see `model_conditioning`
                     weighted_loss_label=(), weighted_loss:float=1.0,
                     generator:torch.Generator=None, # draws the noise and the timesteps
+                    region_contrastive:bool=False, # add NV-Generate v2's region contrastive loss
+                    region_contrastive_delta:float=2.0, region_contrastive_weight:float=0.01, # its delta and weight
                    ) -> torch.Tensor:
-    "ControlNet training loss: the diffusion loss with the mask's bit planes as condition and up-weighted label regions."
+    "ControlNet training loss: the diffusion loss with the mask's bit planes as condition and up-weighted label regions (+ v2's region contrastive loss)."
     label = _check_label(label, x0.shape[2:]).to(x0.device)
-    return diffusion_loss(unet, scheduler, x0, spacing=spacing, top_region_index=top_region_index,
-                          bottom_region_index=bottom_region_index, modality=modality, controlnet=controlnet,
-                          controlnet_cond=labels_to_bits(label), generator=generator,
-                          loss_weights=controlnet_loss_weights(label, x0.shape[2:], weighted_loss_label, weighted_loss))
+    p = diffusion_loss(unet, scheduler, x0, spacing=spacing, top_region_index=top_region_index,
+                       bottom_region_index=bottom_region_index, modality=modality, controlnet=controlnet,
+                       controlnet_cond=labels_to_bits(label), generator=generator, return_parts=region_contrastive,
+                       loss_weights=controlnet_loss_weights(label, x0.shape[2:], weighted_loss_label, weighted_loss))
+    if not region_contrastive: return p
+    free = tumor_free_mask(label)
+    out_free = p["output"] if torch.equal(free, label) else unet_forward(   # same noise, timesteps and conditioning
+        unet, p["x_t"], p["timesteps"], p["unet_kwargs"], controlnet, labels_to_bits(free), p["controlnet_kwargs"])
+    fg, bg = region_contrastive_loss(p["output"], out_free, p["target"], label, free, region_contrastive_delta)
+    return p["loss"] + region_contrastive_weight * (fg + bg)
 
 # %% ../nbs/03_controlnet.ipynb #5f7ad1f7
 def controlnet_records(json_data_list, # one datalist JSON or a list of them
@@ -251,6 +291,8 @@ def train_controlnet(unet, controlnet, scheduler,
                      n_epochs:int, lr:float=1e-5, batch_size:int=1, cache_rate:float=0.0,
                      scale_factor=1.0, # the diffusion UNet's scale factor
                      weighted_loss_label=(), weighted_loss:float=1.0, # see `controlnet_loss_weights`
+                     region_contrastive:bool=False, # NV-Generate v2's region contrastive loss (see `controlnet_loss`)
+                     region_contrastive_delta:float=2.0, region_contrastive_weight:float=0.01,
                      model_dir=None, exp_name:str="controlnet", # run folder and name (rank 0 writes); None: no files
                      resume:bool=False, # continue the run in model_dir from its last complete epoch
                      overwrite:bool=False, # start a new run where one exists
@@ -271,13 +313,16 @@ def train_controlnet(unet, controlnet, scheduler,
     sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=n_epochs * len(loader), power=2.0)
     scaler, sf = torch.amp.GradScaler(device.type, enabled=amp), torch.as_tensor(scale_factor, dtype=torch.float32).reshape(())
     step = _controlnet_step(unet, ddp(controlnet, device, world), scheduler, opt, scaler, sf.to(device), amp, device,
-                            modality=modality, weighted_loss_label=weighted_loss_label, weighted_loss=weighted_loss)
+                            modality=modality, weighted_loss_label=weighted_loss_label, weighted_loss=weighted_loss,
+                            region_contrastive=bool(region_contrastive), region_contrastive_delta=float(region_contrastive_delta),
+                            region_contrastive_weight=float(region_contrastive_weight))
     def export(rec:dict, improved:bool):
         for k in ("current", "best") if improved else ("current",):
             save_controlnet_checkpoint(paths[k], controlnet, rec["epoch"], rec["train_loss"])
     def epoch_loader(epoch:int): loader.sampler.set_epoch(epoch); return loader
     meta = {"lr": lr, "batch_size": batch_size, "scale_factor": float(sf), "modality": modality,
-            "weighted_loss_label": [int(i) for i in weighted_loss_label], "weighted_loss": float(weighted_loss)}
+            "weighted_loss_label": [int(i) for i in weighted_loss_label], "weighted_loss": float(weighted_loss),
+            **({"region_contrastive": [float(region_contrastive_delta), float(region_contrastive_weight)]} if region_contrastive else {})}
     trainer = Trainer(step, {"controlnet": controlnet, "optimizer": opt, "lr_scheduler": sched, "scaler": scaler},
                       epoch_loader, n_epochs, seed, files, monitor="train_loss", export=export, step_schedulers=[sched],
                       steps_per_epoch=len(loader), meta=meta, rank=rank, world_size=world, device=device,
@@ -415,7 +460,7 @@ def _prepare(a, need:tuple) -> tuple:
         warnings.warn(f"--gpus {a.gpus}: ignored; run under `torchrun --nproc_per_node {a.gpus}` for several GPUs")
     for k in need:
         if not env[k]: raise ValueError(f"env_config: {k} is required by this command")
-    for k in ("trained_autoencoder_path", "trained_diffusion_path", "trained_controlnet_path"):
+    for k in ("trained_autoencoder_path", "trained_diffusion_path", "trained_controlnet_path", "existing_ckpt_filepath"):
         if env[k] and not Path(env[k]).is_file(): raise FileNotFoundError(f"env_config: {k} {env[k]} does not exist")
     train, val = split_by_fold(controlnet_records(env["json_data_list"], env["data_base_dir"]), fold)
     return cfg, train, val
@@ -436,6 +481,7 @@ def _check_train_inputs(a) -> tuple:
     if a.until_epoch is not None and a.until_epoch < 1: raise ValueError(f"--until_epoch: got {a.until_epoch}; allowed: an integer >= 1")
     cfg, train, val = _prepare(a, need=("model_dir",))
     t, env = cfg["controlnet_train"], cfg["environment"]
+    start_controlnet_path(env)   # one ControlNet to start from
     if not train: raise ValueError(f"fold: every record is in fold {t['fold']} (validation); nothing to train on")
     check_controlnet_records(train, build_networks(a.model_def, "meta", which=("diffusion_unet",)).diffusion_unet)
     paths = controlnet_checkpoint_paths(env["model_dir"], env["exp_name"])
@@ -452,10 +498,13 @@ def train_controlnet_cli(argv=None):
     cfg, train, paths = _check_train_inputs(a)
     t, env, modality = cfg["controlnet_train"], cfg["environment"], cfg["controlnet_infer"]["modality"]
     rank, _, device = setup_distributed(a.device)
-    unet, cn, sch, sf = _load_models(cfg, a.model_def, device, None if a.resume else env["trained_controlnet_path"], a.seed)
+    unet, cn, sch, sf = _load_models(cfg, a.model_def, device, None if a.resume else start_controlnet_path(env), a.seed)
     hist = train_controlnet(unet, cn, sch, train, n_epochs=t["n_epochs"], lr=t["lr"], batch_size=t["batch_size"],
                             cache_rate=t["cache_rate"], scale_factor=sf, weighted_loss_label=t["weighted_loss_label"],
-                            weighted_loss=t["weighted_loss"], model_dir=env["model_dir"], exp_name=env["exp_name"],
+                            weighted_loss=t["weighted_loss"], region_contrastive=t["use_region_contrasive_loss"],
+                            region_contrastive_delta=t["region_contrasive_loss_delta"],
+                            region_contrastive_weight=t["region_contrasive_loss_weight"],
+                            model_dir=env["model_dir"], exp_name=env["exp_name"],
                             resume=a.resume, overwrite=a.overwrite, until_epoch=a.until_epoch, modality=modality,
                             seed=a.seed, device=device, amp=not a.no_amp,
                             tfevent_path=Path(env["tfevent_path"]) / env["exp_name"] if env["tfevent_path"] else None)
@@ -470,7 +519,12 @@ def train_controlnet_cli(argv=None):
 def infer_controlnet_cli(argv=None):
     "Command line: one generated CT per mask of the validation fold (MAISI's infer_controlnet.py)."
     a = _cli_parser("maisi_infer_controlnet", infer_controlnet_cli.__doc__).parse_args(argv)
-    cfg, _, val = _prepare(a, need=("output_dir", "trained_autoencoder_path", "trained_controlnet_path"))
+    cfg, _, val = _prepare(a, need=("output_dir", "trained_autoencoder_path"))
+    if not cfg["environment"]["trained_controlnet_path"]:
+        only = cfg["environment"]["existing_ckpt_filepath"]
+        raise ValueError("env_config: trained_controlnet_path (the ControlNet to generate with) is required by this command"
+                         + (f"; existing_ckpt_filepath ({only}) is only where training starts from, pass it with "
+                            f"--set trained_controlnet_path=... if that is the one to use" if only else ""))
     if not val: raise ValueError(f"fold: no record has fold {cfg['controlnet_train']['fold']}; nothing to generate from")
     check_controlnet_records(val, build_networks(a.model_def, "meta", which=("diffusion_unet",)).diffusion_unet)
     inf, env = cfg["controlnet_infer"], cfg["environment"]

@@ -66,7 +66,8 @@ def diffusion_loss(unet, scheduler, x0:torch.Tensor, # (B,4,X,Y,Z) clean latents
                    controlnet=None, controlnet_cond:torch.Tensor=None, # optional ControlNet and its (B,8,...) mask
                    generator:torch.Generator=None, # draws the noise and the timesteps
                    loss_weights:torch.Tensor=None, # optional per-voxel weights broadcastable to x0
-                  ) -> torch.Tensor:
+                   return_parts:bool=False, # a dict with the loss and what went into it (for losses built on top)
+                  ) -> torch.Tensor|dict:
     "Mean L1 loss between the UNet output and the scheduler's target at random timesteps."
     b = x0.shape[0]
     noise = randn(x0.shape, generator, x0.device)
@@ -74,10 +75,13 @@ def diffusion_loss(unet, scheduler, x0:torch.Tensor, # (B,4,X,Y,Z) clean latents
     x_t = scheduler.add_noise(original_samples=x0, noise=noise, timesteps=t)
     cond = dict(spacing=spacing, top_region_index=top_region_index, bottom_region_index=bottom_region_index,
                 modality=modality, device=x0.device)
-    out = unet_forward(unet, x_t, t, model_conditioning(unet, b, **cond), controlnet, controlnet_cond,
-                       model_conditioning(controlnet, b, **cond) if controlnet is not None else None)
-    err = (out.float() - training_target(scheduler, x0, noise, t).float()).abs()
-    return (err * loss_weights).mean() if loss_weights is not None else err.mean()
+    ukw, ckw = model_conditioning(unet, b, **cond), model_conditioning(controlnet, b, **cond) if controlnet is not None else None
+    out = unet_forward(unet, x_t, t, ukw, controlnet, controlnet_cond, ckw)
+    target = training_target(scheduler, x0, noise, t)
+    err = (out.float() - target.float()).abs()
+    loss = (err * loss_weights).mean() if loss_weights is not None else err.mean()
+    if not return_parts: return loss
+    return {"loss": loss, "output": out, "target": target, "x_t": x_t, "timesteps": t, "unet_kwargs": ukw, "controlnet_kwargs": ckw}
 
 # %% ../nbs/02_diffusion_train.ipynb #00c51243
 def _encoder_settings(autoencoder, shape, amp:bool):

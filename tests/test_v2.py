@@ -388,3 +388,161 @@ def test_modality_dropout_bad_values(bad):
     if bad is not None and not isinstance(bad, str):
         with pytest.raises(ValueError, match=r"^modality_dropout: got .*; allowed: a number in \[0, 1\] or null$"):
             load_diffusion_config({}, overrides=[f"modality_dropout={json.dumps(bad)}"])
+
+
+# ---- training side: NV-Generate v2's region contrastive loss (ControlNet)
+
+def _region_reference(o, o_free, target, label, label_free, delta):
+    "Region contrastive terms in float64 NumPy/SciPy, written from the description (not from our code)."
+    from scipy.ndimage import binary_dilation
+    o, o_free, target = (np.asarray(t.detach(), dtype=np.float64) for t in (o, o_free, target))
+    roi = np.asarray(label) != np.asarray(label_free)                                          # (B,1,X,Y,Z)
+    bg = ~np.stack([binary_dilation(r[0], np.ones((3, 3, 3)), border_value=0)[None] for r in roi])  # 1 - dilate3(ROI)
+    f = [s // t for s, t in zip(roi.shape[2:], o.shape[2:])]                                   # nearest resize by f
+    small = lambda m: np.repeat(m[:, :, ::f[0], ::f[1], ::f[2]].astype(np.float64), o.shape[1], axis=1)  # all channels
+    r, b = small(roi), small(bg)
+    fg = -(np.abs(o - o_free) * r).sum() / ((r > 0).sum() + 1e-5)
+    fg = max(fg + delta, 0.0) - delta
+    return fg, (np.abs(o_free - target) * b).sum() / ((b > 0).sum() + 1e-5)
+
+
+@pytest.mark.parametrize("delta", [2.0, 0.05])
+def test_region_contrastive_loss_matches_reference(delta):
+    from maisi_nb.controlnet import region_contrastive_loss
+    g = make_generator(3)
+    label = torch.cat([_mask(), _mask()])
+    label[1][label[1] == 23] = 30; label[1][label[1] == 26] = 1       # second sample: no tumour
+    label[0, 0, 0:3, 0:3, 0:3] = 26                                  # a tumour touching the border (dilation padding)
+    free = tumor_free_mask(label)
+    o, o_free, target = (randn((2, 4, 8, 8, 8), g) for _ in range(3))
+    o_free = o + 0.3 * o_free  # the tumour-free pass differs a little
+    fg, bg = region_contrastive_loss(o, o_free, target, label, free, delta)
+    ref_fg, ref_bg = _region_reference(o, o_free, target, label, free, delta)
+    assert abs(fg.item() - ref_fg) <= 1e-6 and abs(bg.item() - ref_bg) <= 1e-6, (fg.item(), ref_fg, bg.item(), ref_bg)
+    assert (abs(fg.item() + delta) < 1e-6) == (delta == 0.05)  # the clamp bites only for the small delta
+
+
+@pytest.fixture(scope="module")
+def training_data(tmp_path_factory):
+    "Phantoms with tiny checkpoints and latents (conftest.tiny_training_data); a liver tumour painted into every mask."
+    from conftest import tiny_training_data
+    from maisi_nb.utils import load_nifti, save_nifti
+    f = tiny_training_data(tmp_path_factory.mktemp("v2_training"))
+    labels = [p for p in sorted((f["dir"] / "data").rglob("*.nii.gz")) if "label" in str(p.relative_to(f["dir"] / "data"))]
+    assert len(labels) == 4
+    for p in labels:
+        lab, aff = load_nifti(p)
+        lab = np.asarray(lab).copy(); lab[12:16, 12:16, 12:16] = 26
+        save_nifti(lab.astype(np.uint8), aff, p, overwrite=True)
+    return f
+
+
+def _cn_run(f, name, *extra):
+    from maisi_nb.controlnet import train_controlnet_cli
+    from maisi_nb.utils import save_json
+    d = f["dir"]
+    env = save_json({"model_dir": str(d / name), "exp_name": "cn", "output_dir": str(d / f"{name}_out"), "tfevent_path": None,
+                     "trained_diffusion_path": str(f["unet"]), "trained_autoencoder_path": str(f["autoencoder"]),
+                     "existing_ckpt_filepath": str(f["controlnet"]), "modality_mapping_path": "./configs/modality_mapping.json",
+                     "data_base_dir": [str(f["controlnet_datalist"].parent)], "json_data_list": [str(f["controlnet_datalist"])]},
+                    d / f"{name}_env.json")
+    tc = save_json({"controlnet_train": {"batch_size": 1, "n_epochs": 1, "lr": 1e-3, "fold": 0, "weighted_loss_label": [23],
+                                         "weighted_loss": 100}}, d / f"{name}_train.json")
+    return train_controlnet_cli(["-e", str(env), "-c", "tiny", "-t", str(tc), "--device", "cpu", "--seed", "0", *extra])
+
+
+def test_controlnet_training_with_region_contrastive_loss(training_data, one_thread, capsys):
+    "A v2 environment (existing_ckpt_filepath) and the rflow-ct switch: a tiny ControlNet run trains and its file loads."
+    from maisi_nb.controlnet import load_controlnet_checkpoint
+    from maisi_nb.training import load_state
+    f = training_data
+    assert _cn_run(f, "cn_on", "--set", "use_region_contrasive_loss=true", "region_contrasive_loss_weight=0.5") == 0
+    assert _cn_run(f, "cn_off") == 0
+    on, off = (load_state(f["dir"] / n / "cn_train_state.pt") for n in ("cn_on", "cn_off"))
+    assert on["meta"]["region_contrastive"] == [2.0, 0.5] and "region_contrastive" not in off["meta"]
+    l_on, l_off = on["records"][0]["train_loss"], off["records"][0]["train_loss"]
+    assert np.isfinite(l_on) and l_on != l_off  # the same draws, one more term
+    cn = build_networks("tiny", "cpu", which=("controlnet",)).controlnet
+    assert load_controlnet_checkpoint(f["dir"] / "cn_on" / "cn_current.pt", cn)["epoch"] == 1
+    capsys.readouterr()
+
+
+def test_controlnet_start_checkpoint_keys(training_data, one_thread, capsys):
+    "existing_ckpt_filepath and trained_controlnet_path naming different files is one clear error, before any work."
+    f = training_data
+    with pytest.raises(SystemExit) as e: _cn_run(f, "cn_both", "--set", f"trained_controlnet_path={f['unet']}")
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and "name different ControlNets to start training from" in err, err
+    assert not (f["dir"] / "cn_both" / "cn_current.pt").exists()
+
+
+# ---- training side: NV-Generate v2's trainer files load and validate
+
+@pytest.mark.skipif(not V2.exists(), reason="NV-Generate v2 files not available")
+def test_v2_training_files_load_and_validate():
+    "Every training config/environment NVIDIA ships with v2 loads unchanged into our trainers' configs, with v2's meaning."
+    from maisi_nb.diffusion import load_diffusion_config
+    from maisi_nb.controlnet import load_controlnet_config, start_controlnet_path
+    from maisi_nb.vae import load_vae_train_config, start_autoencoder_path
+    read = lambda name: json.loads((V2 / name).read_text())
+    seen = set()
+    for v in VARIANTS:  # diffusion UNet training: v2's label dropout where the environment names a modality table (rflow)
+        env, mc = f"environment_maisi_diff_model_{v}.json", f"config_maisi_diff_model_{v}.json"
+        c = load_diffusion_config(V2 / env, V2 / mc, require=("embedding_base_dir", "json_data_list", "model_dir", "model_filename"))
+        assert c["modality_dropout"] == (0.0 if v == "ddpm-ct" else 0.1), v
+        assert (c["lr"], c["n_epochs"], c["batch_size"]) == (1e-5, 1000, read(mc)["diffusion_unet_train"]["batch_size"])
+        assert c["existing_ckpt_filepath"] == read(env)["existing_ckpt_filepath"]
+        seen |= {env, mc}
+    for s in ("", "_ddpm-ct", "_rflow-ct", "_rflow-mr"):  # ControlNet training
+        env, tc = f"environment_maisi_controlnet_train{s}.json", f"config_maisi_controlnet_train{s}.json"
+        c = load_controlnet_config(V2 / env, V2 / tc)
+        t, raw = c["controlnet_train"], read(env)
+        assert t["use_region_contrasive_loss"] is (s == "_rflow-ct")
+        if s == "_rflow-ct":
+            assert (t["region_contrasive_loss_delta"], t["region_contrasive_loss_weight"], t["weighted_loss_label"]) == (2, 0.01, [23])
+        assert start_controlnet_path(c["environment"]) == (raw.get("existing_ckpt_filepath") or raw.get("trained_controlnet_path"))
+        seen |= {env, tc}
+    c = load_vae_train_config(V2 / "config_maisi_vae_train.json", V2 / "environment_maisi_vae_train.json")  # VAE fine-tuning
+    assert c["environment"]["finetune"] is True
+    assert start_autoencoder_path(c["environment"]) == read("environment_maisi_vae_train.json")["trained_autoencoder_path"]
+    with pytest.raises(ValueError, match="finetune: true starts a new run .* cannot be combined with --resume"):
+        start_autoencoder_path(c["environment"], resume=True)
+    seen |= {"config_maisi_vae_train.json", "environment_maisi_vae_train.json"}
+    training = {p.name for p in V2.glob("*.json") if "_train" in p.name or "diff_model" in p.name}
+    assert training == seen, training ^ seen
+
+
+# ---- training side: an MR diffusion run on the tiny preset
+
+def test_mr_diffusion_training_tiny(training_data, one_thread, tmp_path, capsys):
+    "maisi_train_diffusion on MR latents with v2's label dropout (0.1): the run finishes, its checkpoint loads strictly."
+    from maisi_nb.diffusion import make_latents_cli, train_diffusion_cli, load_diffusion_config
+    from maisi_nb.networks import load_checkpoint
+    from maisi_nb.training import load_state
+    from maisi_nb.utils import save_json
+    f = training_data
+    # the CT phantoms stand in for MR volumes: their datalist records say "mri_t1" (code 9), so the latents' side-cars
+    # and the class labels of every batch carry the MR code
+    recs = json.loads(Path(f["datalist"]).read_text())
+    recs["training"] = [{**r, "modality": "mri_t1"} for r in recs["training"]]
+    dl = save_json(recs, tmp_path / "datalist_mr.json")
+    env = {"data_base_dir": str(f["dir"] / "data"), "embedding_base_dir": str(tmp_path / "emb_mr"), "json_data_list": str(dl),
+           "model_dir": str(tmp_path / "models"), "model_filename": "diff_unet_mr.pt", "trained_autoencoder_path": str(f["autoencoder"]),
+           "modality_mapping_path": "./configs/modality_mapping.json"}
+    env_file = save_json(env, tmp_path / "env.json")
+    mc = save_json({"diffusion_unet_train": {"batch_size": 2, "n_epochs": 2, "lr": 1e-3, "modality_dropout": 0.1}}, tmp_path / "mc.json")
+    base = ["--env_config", str(env_file), "--model_def", "tiny", "--device", "cpu"]
+    assert make_latents_cli(base + ["--size_multiple", "32"]) == 0
+    assert {json.loads(p.read_text())["modality"] for p in (tmp_path / "emb_mr").rglob("*_emb.nii.gz.json")} == {9}
+    assert load_diffusion_config(env_file)["modality_dropout"] == 0.1  # also v2's default for such an environment
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e: train_diffusion_cli(base + ["--model_config", str(mc), "--set", "modality_dropout=2"])
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]  # (progress bars aside) one line
+    assert e.value.code == 2 and err[-1] == "maisi_train_diffusion: error: modality_dropout: got 2; allowed: a number in [0, 1] or null", err
+    assert train_diffusion_cli(base + ["--model_config", str(mc), "--modality", "mri_t1", "--seed", "3"]) == 0
+    unet = build_networks("tiny", "cpu", which=("diffusion_unet",)).diffusion_unet
+    ck = load_checkpoint(unet, tmp_path / "models" / "diff_unet_mr.pt", "diffusion_unet")  # strict
+    assert ck["epoch"] == 2 and np.isfinite(float(ck["loss"])) and float(ck["scale_factor"]) > 0
+    st = load_state(tmp_path / "models" / "diff_unet_mr_train_state.pt")
+    assert st["meta"]["modality_dropout"] == 0.1 and len(st["records"]) == 2
+    capsys.readouterr()
