@@ -151,8 +151,10 @@ def make_latents(autoencoder, json_data_list, data_base_dir, embedding_base_dir,
                  size_multiple:int=128, size_mode:str="resize", # grid rule of `maisi_nb.data.latent_transforms`
                  spacing=None, # optional voxel size (mm) to resample to before fitting the grid
                  roi_size=None, overlap:float=0.25, # sliding-window encoding of images larger than roi_size
-                 device=None, amp:bool=None, rank:int=None, world_size:int=None) -> list:
-    "Encode a datalist's training images into MAISI latent files + side-car JSON; skip items already encoded."
+                 device=None, amp:bool=None, rank:int=None, world_size:int=None,
+                 overwrite:bool=False, # re-encode items already encoded (else they are skipped)
+                ) -> list:
+    "Encode a datalist's training images into MAISI latent files + side-car JSON; skip items already encoded unless `overwrite`."
     recs = _read_datalist(json_data_list, data_base_dir)
     load = latent_transforms(spacing=spacing, divisor=size_multiple, size_mode=size_mode)
     device = default_device(device)
@@ -163,7 +165,7 @@ def make_latents(autoencoder, json_data_list, data_base_dir, embedding_base_dir,
     for i in progress(range(rank, len(recs), world_size), desc="encoding"):
         rec, emb = recs[i], out_dir / embedding_name(recs[i]["image"])
         side = Path(f"{emb}.json")
-        if emb.is_file() and side.is_file(): continue
+        if emb.is_file() and side.is_file() and not overwrite: continue   # done; a lone file is a leftover, replaced
         img = load({"image": str(Path(data_base_dir) / rec["image"])})["image"]
         z = encode_latent(autoencoder, img[None].as_tensor().to(device), sample=sample,
                           generator=make_generator(seed + i) if sample else None, roi_size=roi_size,
@@ -171,11 +173,11 @@ def make_latents(autoencoder, json_data_list, data_base_dir, embedding_base_dir,
         affine = img.affine.numpy()
         save_nifti(z.permute(1, 2, 3, 0).cpu().numpy().astype(np.float32), affine, emb, overwrite=True)
         save_json({"dim": list(z.shape[1:]), "spacing": list(spacing_from_affine(affine)),
-                   **_regions(rec, data_base_dir), **_modality(rec), "latent": "sample" if sample else "mean"}, side)
+                   **_regions(rec, data_base_dir), **_modality(rec), "latent": "sample" if sample else "mean"}, side, overwrite=True)
     if dist.is_initialized(): dist.barrier()
     out = [{"image": embedding_name(r["image"]), "source": r["image"],
             **json.loads(Path(f"{out_dir / embedding_name(r['image'])}.json").read_text())} for r in recs]
-    if rank == 0: save_json({"training": out}, out_dir / LATENT_DATALIST)
+    if rank == 0: save_json({"training": out}, out_dir / LATENT_DATALIST, overwrite=True)   # an index of the side-cars, rebuilt every run
     return out
 
 # %% ../nbs/02_diffusion_train.ipynb #f98a2f51
@@ -383,7 +385,7 @@ def _check_file(path, field:str):
 @cli_command("maisi_make_latents")
 def make_latents_cli(argv=None):
     "Command line: encode the environment's datalist into latents for diffusion training."
-    p = _diffusion_args(command_parser("maisi_make_latents", make_latents_cli.__doc__, overwrite=False, overrides=True))
+    p = _diffusion_args(command_parser("maisi_make_latents", make_latents_cli.__doc__, overrides=True))
     p.add_argument("--sample", action="store_true", help="store VAE samples (upstream) instead of means (seeded by --seed)")
     p.add_argument("--size_multiple", type=int, default=128, help="resize each axis to a multiple of this")
     p.add_argument("--roi_size", type=int, nargs=3, default=None, help="sliding-window size (image voxels)")
@@ -398,7 +400,8 @@ def make_latents_cli(argv=None):
     vae = build_networks(a.model_def, device, which=("autoencoder",)).autoencoder
     load_checkpoint(vae, cfg["trained_autoencoder_path"], "autoencoder")
     make_latents(vae, cfg["json_data_list"], cfg["data_base_dir"], cfg["embedding_base_dir"], sample=a.sample, seed=a.seed,
-                 size_multiple=a.size_multiple, roi_size=a.roi_size, device=device, amp=amp_enabled(not a.no_amp, device))
+                 size_multiple=a.size_multiple, roi_size=a.roi_size, device=device, amp=amp_enabled(not a.no_amp, device),
+                 overwrite=a.overwrite)
 
 # %% ../nbs/02_diffusion_train.ipynb #63c63e4c
 def _train_inputs(cfg:dict, a) -> tuple:

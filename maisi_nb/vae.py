@@ -33,7 +33,7 @@ __all__ = ['log', 'VAE_TRAIN_CONFIG', 'VAE_TRAIN_EXTRAS', 'VAE_ENVIRONMENT', 'VA
            'VGGFeatureDistance', 'make_perceptual_loss', 'perceptual_distance', 'build_vae_networks',
            'check_discriminator_patch', 'vae_datalists', 'vae_datasets', 'vae_train_loader', 'MeanReconstruction',
            'dynamic_infer', 'validate_vae', 'SampledAutoencoder', 'VAETrainer', 'reconstruct', 'show_reconstruction',
-           'train_vae', 'train_vae_cli']
+           'start_autoencoder_path', 'train_vae', 'train_vae_cli']
 
 # %% ../nbs/01_vae_train.ipynb #8a8fa620
 log = logging.getLogger("maisi_nb.vae")
@@ -55,7 +55,8 @@ VAE_TRAIN_EXTRAS = {  # maisi_nb additions to `autoencoder_train`; the defaults 
 
 VAE_ENVIRONMENT = {  # environment_maisi_vae_train.json, plus where the data and the starting weights are
     "model_dir": "./models/", "tfevent_path": "./outputs/tfevent", "json_data_list": None, "data_base_dir": None,
-    "trained_autoencoder_path": None, "network": "maisi-rflow"}
+    "trained_autoencoder_path": None, "network": "maisi-rflow",
+    "finetune": None}  # NV-Generate v2: true = start from trained_autoencoder_path; None = do that when a path is given
 
 # %% ../nbs/01_vae_train.ipynb #a2b993c8
 _INT1, _INT0, _PATCH = number(1, integer=True), number(0, integer=True), vector(3, 4, multiple_of=4)
@@ -74,7 +75,7 @@ VAE_RULES = {
     "fake_3d_ratio": number(0, 1, lo_open=True), "disc_channels": _INT1, "disc_num_layers": number(1, 6, integer=True),
     "seed": _INT0, "num_workers": _INT0, "steps_per_epoch": NONE | _INT1,
     "model_dir": TEXT, "tfevent_path": _PATH, "json_data_list": _PATH, "data_base_dir": _PATH,
-    "trained_autoencoder_path": _PATH,
+    "trained_autoencoder_path": _PATH, "finetune": NONE | BOOL,
     "network": Field(lambda v: isinstance(v, (str, dict)) and v != "", "a preset name, a network-config file or a dict")}
 
 # %% ../nbs/01_vae_train.ipynb #d0769ae3
@@ -386,9 +387,9 @@ TRAIN_STATE_FILE = "autoencoder_train_state.pt"  # the training core's state fil
 def export_weights(self:VAETrainer, model_dir, record:dict, improved:bool):
     "Write autoencoder.pt and discriminator.pt, and autoencoder_epoch{N}.pt when the validation loss improved."
     d = Path(model_dir)
-    torch_save(self.autoencoder.state_dict(), d / "autoencoder.pt")
-    torch_save(self.discriminator.state_dict(), d / "discriminator.pt")
-    if improved: torch_save(self.autoencoder.state_dict(), d / f"autoencoder_epoch{record['epoch'] - 1}.pt")
+    torch_save(self.autoencoder.state_dict(), d / "autoencoder.pt", overwrite=True)   # every epoch, and again on resume
+    torch_save(self.discriminator.state_dict(), d / "discriminator.pt", overwrite=True)
+    if improved: torch_save(self.autoencoder.state_dict(), d / f"autoencoder_epoch{record['epoch'] - 1}.pt", overwrite=True)
 
 # %% ../nbs/01_vae_train.ipynb #d355bc6a
 @patch
@@ -468,6 +469,18 @@ def show_reconstruction(image, recon, # (X,Y,Z) volumes in [0,1]
     return fig
 
 # %% ../nbs/01_vae_train.ipynb #8edb0bce
+def start_autoencoder_path(env:dict, # the config's environment section
+                           resume:bool=False) -> str|None:
+    "The autoencoder weights a new run starts from (fresh optimisers and discriminator), or None (from scratch, or a resume)."
+    ft, path = env.get("finetune"), env.get("trained_autoencoder_path")
+    if ft and not path:
+        raise ValueError("finetune: true needs trained_autoencoder_path, the weights to fine-tune; set trained_autoencoder_path "
+                         "(or finetune false)")
+    if ft and resume:
+        raise ValueError("finetune: true starts a new run from trained_autoencoder_path with fresh optimisers and cannot be "
+                         "combined with --resume; to continue the fine-tuning run, resume with finetune false")
+    return None if resume or ft is False else path
+
 def _steps_per_epoch(t:dict, n_train:int, world_size:int) -> int:
     steps = (n_train // world_size) // t["batch_size"]
     if steps < 1: raise ValueError(f"batch_size: got {t['batch_size']}; {n_train} training volumes on "
@@ -482,6 +495,7 @@ def train_vae(config:dict, # checked config from `load_vae_train_config`
              ) -> VAETrainer:
     "Train (or finetune, or resume) MAISI's VAE as upstream does; DDP when started by torchrun."
     env, t = config["environment"], config["autoencoder_train"]
+    start = start_autoencoder_path(env, resume)
     if train_files is None:
         if not env["json_data_list"]: raise ValueError("json_data_list: no datalist given (environment or --datalist)")
         train_files, val_files = vae_datalists(env["json_data_list"], env["data_base_dir"])
@@ -494,8 +508,7 @@ def train_vae(config:dict, # checked config from `load_vae_train_config`
     amp = amp_enabled(t["amp"], device)
     ae, disc = build_vae_networks(env["network"], t["disc_channels"], t["disc_num_layers"], amp, t["seed"], device)
     check_discriminator_patch(disc, t["patch_size"])
-    if env["trained_autoencoder_path"] and not resume:
-        load_network_checkpoint(ae, env["trained_autoencoder_path"], "autoencoder")  # strict, clear errors
+    if start: load_network_checkpoint(ae, start, "autoencoder")  # strict, clear errors
     perceptual, desc = make_perceptual_loss(t["perceptual_network"], t["perceptual_weight"], t["perceptual_cache_dir"], t["fake_3d_ratio"])
     if rank == 0: log.info("perceptual network: %s; amp: %s; device: %s; ranks: %d", desc, amp, device, ws)
     train_ds, val_ds = vae_datasets(train_files, val_files or [], config, rank, ws, torch.float16 if amp else torch.float32)
