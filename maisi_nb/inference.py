@@ -37,15 +37,16 @@ import torch.distributed as dist
 # %% auto #0
 __all__ = ['INFER_DEFAULTS', 'INDIRECTION_KEYS', 'OUTPUT_EXTS', 'MAISI_LIMITS', 'SMALL_LIMITS', 'PRESET_LIMITS',
            'RECOMMENDED_GRIDS', 'DEFAULT_SIZE_CONDITION', 'MASK_SOURCES', 'FAST_DEFAULTS', 'OUTPUT_FORMATS',
-           'MR_WINDOW', 'PIPELINE_FILE', 'NO_WEIGHTS_MESSAGE', 'ENV_WEIGHT_KEYS', 'ENV_KEYS', 'GenerationLimits',
-           'check_grid', 'check_input', 'recommended_grid', 'check_fov', 'check_infer_config', 'sample_mask_latents',
-           'decode_mask', 'size_condition', 'CachedConditionEmbedding', 'fast_inference', 'MaskGenerator', 'limits_for',
-           'MaisiPipeline', 'user_mask_grid', 'GenerationPlan', 'sample_seed', 'shard_indices', 'check_output_format',
-           'output_files', 'check_outputs_free', 'complete_sample', 'temp_files', 'memory_budget', 'GeneratedSample',
-           'output_label', 'GenerationResult', 'NonFiniteOutputError', 'software_versions', 'render_slices',
-           'label_legend', 'sidecar', 'load_sample', 'manifest_line', 'write_manifest', 'read_manifest',
-           'merge_manifests', 'find_released_data', 'demo_model_dir', 'default_pipeline', 'find_path',
-           'pipeline_from_environment', 'read_environment', 'infer_settings', 'generate_cli']
+           'MR_WINDOW', 'OVERLAY_ALPHA', 'PIPELINE_FILE', 'NO_WEIGHTS_MESSAGE', 'ENV_WEIGHT_KEYS', 'ENV_KEYS',
+           'GenerationLimits', 'check_grid', 'check_input', 'recommended_grid', 'check_fov', 'check_infer_config',
+           'sample_mask_latents', 'decode_mask', 'size_condition', 'CachedConditionEmbedding', 'fast_inference',
+           'MaskGenerator', 'limits_for', 'MaisiPipeline', 'user_mask_grid', 'GenerationPlan', 'sample_seed',
+           'shard_indices', 'check_output_format', 'output_files', 'check_outputs_free', 'complete_sample',
+           'temp_files', 'memory_budget', 'recording_denoised', 'GeneratedSample', 'output_label', 'GenerationResult',
+           'NonFiniteOutputError', 'software_versions', 'render_slices', 'label_legend', 'sidecar', 'load_sample',
+           'manifest_line', 'write_manifest', 'read_manifest', 'merge_manifests', 'find_released_data',
+           'demo_model_dir', 'default_pipeline', 'find_path', 'pipeline_from_environment', 'read_environment',
+           'infer_settings', 'generate_cli']
 
 # %% ../nbs/04_inference.ipynb #463c6b07
 INFER_DEFAULTS = {  # config_infer keys -> defaults; None for output_size/spacing means "the model's default grid"
@@ -682,9 +683,28 @@ def decode(self:MaisiPipeline, z:torch.Tensor, # (B,4,X,Y,Z) sampled latents
 
 # %% ../nbs/04_inference.ipynb #5a2502ce
 def _step_callback(callback, stage:str, sample:int, attempt:int, n:int):
+    "The user's per-step callback, called with a dict; `sample_image` adds the step's clean-latent estimate."
     if callback is None: return None
-    return lambda j, t, x: callback({"stage": stage, "sample": sample, "attempt": attempt, "step": j, "num_steps": n,
-                                     "timestep": float(t), "latents": x})
+    def step(j, t, x, denoised=None):
+        callback({"stage": stage, "sample": sample, "attempt": attempt, "step": j, "num_steps": n,
+                  "timestep": float(t), "latents": x, "denoised": denoised})
+    step.takes_denoised = True
+    return step
+
+@contextlib.contextmanager
+def recording_denoised(scheduler, record:dict):
+    "Within the context, each rectified-flow `scheduler.step` stores its estimate of the clean latent in `record['denoised']`."
+    if not is_rflow(scheduler): yield record; return   # DDPM steps (`sampling.ddpm_step`) do not expose it: stays None
+    step, own = scheduler.step, vars(scheduler).get("step")   # `own`: an instance attribute set before us
+    def recording_step(*args, **kwargs):
+        out = step(*args, **kwargs)   # (next latent, predicted clean latent x̂₀)
+        record["denoised"] = out[1]
+        return out
+    vars(scheduler)["step"] = recording_step
+    try: yield record
+    finally:
+        if own is None: vars(scheduler).pop("step", None)   # the class's own method again
+        else: vars(scheduler)["step"] = own
 
 @patch
 def sample_image(self:MaisiPipeline, ms:dict, # a mask sample (see the mask sources)
@@ -702,12 +722,14 @@ def sample_image(self:MaisiPipeline, ms:dict, # a mask sample (see the mask sour
     dtype = fast.pop("sampling_dtype", None)
     s = c.get("cfg_guidance_scale") or 0.0   # v2's paired guidance: the unconditional branch sees the tumour-free mask
     cfg = {} if s in (0.0, 1.0) else dict(guidance_scale=s, controlnet_cond_uncond=labels_to_bits(tumor_free_mask(lab)))
-    with fast_inference(unet, self.controlnet, **fast):
+    rec, cb = {}, callback
+    if getattr(callback, "takes_denoised", False): cb = lambda j, t, x: callback(j, t, x, rec.get("denoised"))
+    with fast_inference(unet, self.controlnet, **fast), recording_denoised(plan.scheduler, rec):
         z = sample_latents(unet, plan.scheduler, (1, unet.in_channels, *[s // 4 for s in lab.shape[2:]]),
                            spacing=ms["spacing"], top_region_index=ms["top_region_index"],
                            bottom_region_index=ms["bottom_region_index"], modality=c["modality"],
                            controlnet=self.controlnet, controlnet_cond=labels_to_bits(lab), num_inference_steps=n,
-                           seed=seed, latents=latents, device=dev, dtype=getattr(torch, dtype) if dtype else None, callback=callback,
+                           seed=seed, latents=latents, device=dev, dtype=getattr(torch, dtype) if dtype else None, callback=cb,
                            progress_bar=progress_bar, **cfg)
     t1 = time.perf_counter()
     hu = to_hu(self.decode(z, c), lab)[0, 0].float().cpu()
@@ -967,22 +989,29 @@ def _generate_mr(self:MaisiPipeline, config:dict, seed, output_dir, overwrite, p
     return res
 
 # %% ../nbs/04_inference.ipynb #f19892da
+OVERLAY_ALPHA = 0.25  # opacity of label overlays in previews: the CT stays readable under the colours
+
 def render_slices(image, label=None, spacing=(1., 1., 1.), window="soft", slices=None, overlay:bool=True,
-                  size:float=2.6, dpi:int=80) -> bytes:
+                  size:float=2.6, dpi:int=80,
+                  alpha:float=OVERLAY_ALPHA, # opacity of the label overlay (0: invisible, 1: hides the CT)
+                 ) -> bytes:
     "PNG bytes of axial, coronal and sagittal slices (mask overlaid), drawn off-screen."
     from matplotlib.figure import Figure
     fig = Figure(figsize=(3 * size, size), dpi=dpi, layout="constrained")
-    show_ct(image, label if overlay else None, spacing, window, slices, ax=fig.subplots(1, 3))
+    show_ct(image, label if overlay else None, spacing, window, slices, ax=fig.subplots(1, 3), alpha=alpha)
     buf = io.BytesIO(); fig.savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()
 
 @patch
-def show(self:GenerationResult, i:int=0, window="soft", slices=None, overlay:bool=True, ax=None):
+def show(self:GenerationResult, i:int=0, window="soft", slices=None, overlay:bool=True, ax=None,
+         alpha:float=OVERLAY_ALPHA, # opacity of the label overlay
+         title:str=None): # default: sample, seed, window and QC verdict
     "Orthogonal slices of sample `i` with its mask overlaid (matplotlib axes)."
     s = self.samples[i]
     verdict = "" if s.qc is None else " · QC " + ("passed" if s.qc.passed else "failed: " + ", ".join(s.qc.failed))
-    return show_ct(s.image, s.mask_label if overlay else None, s.spacing, window, slices, ax=ax,
-                   title=f"sample {i} (seed {self.seed}){verdict}")
+    w = window if isinstance(window, str) else "W {:g} / L {:g}".format(*window)
+    return show_ct(s.image, s.mask_label if overlay else None, s.spacing, window, slices, ax=ax, alpha=alpha,
+                   title=title or f"sample {i} (seed {self.seed}) · {w} window{verdict}")
 
 # %% ../nbs/04_inference.ipynb #9c832c13
 def label_legend(sample:GeneratedSample, mode:str, ids) -> dict:
@@ -1019,7 +1048,7 @@ def _write_sample(self:GenerationResult, i:int, f:dict, ids=()) -> dict:
     if "preview" in f:
         mr = is_mr(self.config["modality"])   # MR: its own display window, no label overlay
         png = render_slices(s.image, None if mr else s.mask_label, s.spacing, window=MR_WINDOW if mr else "soft")
-        with atomic_path(f["preview"]) as tmp: Path(tmp).write_bytes(png)
+        with atomic_path(f["preview"], overwrite=True) as tmp: Path(tmp).write_bytes(png)   # checked free before (or overwrite/resume)
     s.files = dict(f)
     s.timings["write"] = round(time.perf_counter() - tic, 3)
     meta = sidecar(self, i, ids)
@@ -1066,8 +1095,8 @@ def manifest_line(meta:dict, # a sample's sidecar
             "attempts": len(meta["attempts"]), "timings_s": meta["timings_s"], "resumed": resumed}
 
 def write_manifest(path, lines:list) -> Path:
-    "Write JSON lines atomically."
-    with atomic_path(path) as tmp: Path(tmp).write_text("".join(json.dumps(l) + "\n" for l in lines))
+    "Write JSON lines atomically (replacing the file: a manifest is rewritten after every sample)."
+    with atomic_path(path, overwrite=True) as tmp: Path(tmp).write_text("".join(json.dumps(l) + "\n" for l in lines))
     return Path(path)
 
 def read_manifest(path) -> list:
@@ -1140,7 +1169,7 @@ def _copy_mask_database(database, mask_dir, d:Path, overwrite:bool) -> None:
         src, dst = Path(mask_dir) / r["pseudo_label_filename"], d / "masks" / r["pseudo_label_filename"]
         if dst.exists() and not overwrite: raise FileExistsError(f"{dst} exists; pass overwrite=True")
         dst.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(dst) as tmp: shutil.copyfile(src, tmp)
+        with atomic_path(dst, overwrite=overwrite) as tmp: shutil.copyfile(src, tmp)
     save_json(recs, d / "mask_database.json", overwrite=overwrite)
 
 @patch
