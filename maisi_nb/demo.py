@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from .networks import PRESETS, _merge, build_networks, count_parameters, load_checkpoint
-from .phantoms import make_phantom, make_phantom_dataset, parse_region_choices
+from .phantoms import make_phantom, make_phantom_dataset, parse_region_choices, phantom_contrast
 from .data import EXAMPLE_CT_SOURCE, load_example_ct, make_example_dataset
 from .vae import train_vae_cli
 from .diffusion import make_latents_cli, train_diffusion_cli
@@ -26,24 +26,25 @@ __all__ = ['DEMO_NETWORK', 'DEMO_ROLES', 'DEMO_RECIPE', 'STAGES', 'ATTRIBUTION',
 
 # %% ../nbs/06_demo_model.ipynb #9e92484b
 DEMO_NETWORK = _merge(PRESETS["tiny"], {
-    "autoencoder_def": {"num_channels": [16, 32, 64], "num_res_blocks": [1, 1, 1], "norm_num_groups": 8},
+    "autoencoder_def": {"num_channels": [16, 32, 96], "num_res_blocks": [1, 1, 2], "norm_num_groups": 8},
     "diffusion_unet_def": {"num_channels": [32, 64, 64, 128], "num_head_channels": [0, 0, 16, 16], "norm_num_groups": 16},
     "controlnet_def": {"num_channels": [32, 64, 64, 128], "num_head_channels": [0, 0, 16, 16], "norm_num_groups": 16,
                        "conditioning_embedding_num_channels": [4, 8, 32]},  # full-resolution convs dominate its cost
-    "noise_scheduler": {"base_img_size_numel": 16 ** 3}})
+    "noise_scheduler": {"base_img_size_numel": 24 * 24 * 16}})  # the latent of the default 96×96×64 grid
 DEMO_ROLES = ("autoencoder", "diffusion_unet", "controlnet", "noise_scheduler")
 
 # %% ../nbs/06_demo_model.ipynb #83a08284
 DEMO_RECIPE = {
-    "seed": 0, "output_size": [64, 64, 64], "spacing": [6.0, 6.0, 6.0],
-    "phantoms": {"n": 160, "body_regions": ["chest", "abdomen", "chest,abdomen", "abdomen,lower"],
+    "seed": 0, "output_size": [96, 96, 64], "spacing": [4.0, 4.0, 4.0],
+    "phantoms": {"n": 200, "body_regions": ["head", "chest", "chest,abdomen", "abdomen", "abdomen,lower", "lower"],
                  "tumor_prob": 0.33, "folds": 10},
-    "real_ct": {"n": 40, "spacing_range": [[5.5, 6.5], [5.5, 6.5]]},
-    "vae": {"batch_size": 4, "patch_size": [32, 32, 32], "lr": 1e-3, "n_epochs": 50, "steps_per_epoch": 45,
-            "kl_weight": 1e-6, "perceptual_network": "none", "perceptual_weight": 0.0, "adv_weight": 0.0, "val_interval": 10,
-            "lr_warmup": [[0, 0.1], [1, 1.0], [30, 0.5], [40, 0.25], [46, 0.1]], "cache": 1.0, "amp": False},
+    "real_ct": {"n": 60, "spacing_range": [[3.6, 4.4], [3.6, 4.4]]},
+    "vae": {"batch_size": 4, "patch_size": [32, 32, 32], "lr": 1e-3, "n_epochs": 60, "steps_per_epoch": 40,
+            "kl_weight": 1e-6, "perceptual_network": "vgg16-hed", "perceptual_weight": 0.3, "fake_3d_ratio": 0.125,
+            "adv_weight": 0.05, "disc_channels": 16, "val_interval": 10,
+            "lr_warmup": [[0, 0.1], [1, 1.0], [36, 0.5], [48, 0.25], [55, 0.1]], "cache": 1.0, "amp": False},
     "diffusion": {"n_epochs": 60, "batch_size": 8, "lr": 1e-3, "cache_rate": 1.0},
-    "controlnet": {"n_epochs": 50, "batch_size": 8, "lr": 1e-3, "cache_rate": 1.0, "weighted_loss": 5,
+    "controlnet": {"n_epochs": 40, "batch_size": 8, "lr": 1e-3, "cache_rate": 1.0, "weighted_loss": 5,
                    "weighted_loss_label": [23, 24, 26, 27, 128]},
     "holdout_seed": 1_000_003,  # evaluation phantoms: a dataset seed no training volume came from
 }
@@ -67,6 +68,7 @@ def check_recipe(recipe:dict) -> dict:
     size, sp = recipe["output_size"], recipe["spacing"]
     if not (isinstance(size, (list, tuple)) and len(size) == 3 and all(isinstance(s, int) and s > 0 and s % 32 == 0 for s in size)):
         raise ValueError(f"recipe.output_size: got {size!r}; allowed: three positive multiples of 32")
+    if size[0] != size[1]: raise ValueError(f"recipe.output_size: got {size!r}; X and Y must be equal (MAISI generates square slices)")
     if not (isinstance(sp, (list, tuple)) and len(sp) == 3 and all(isinstance(s, (int, float)) and s > 0 for s in sp)):
         raise ValueError(f"recipe.spacing: got {sp!r}; allowed: three positive numbers (mm)")
     for k in ("phantoms", "real_ct"):
@@ -154,8 +156,8 @@ def _half_copy(module:torch.nn.Module) -> torch.nn.Module:
 
 def load_trained(work_dir, device="cpu") -> MaisiPipeline:
     "A pipeline (float32) from the checkpoints a recipe wrote under `work_dir/models`."
-    w = Path(work_dir) / "models"
-    nets = build_networks(DEMO_NETWORK, device, which=DEMO_ROLES, seed=0)
+    w, net = Path(work_dir) / "models", Path(work_dir) / "configs" / "network.json"
+    nets = build_networks(str(net) if net.is_file() else DEMO_NETWORK, device, which=DEMO_ROLES, seed=0)  # the network it trained
     load_checkpoint(nets.autoencoder, w / "autoencoder.pt", "autoencoder")
     nets.scale_factor = load_checkpoint(nets.diffusion_unet, w / "diff_unet_demo.pt", "diffusion_unet")["scale_factor"]
     load_checkpoint(nets.controlnet, w / "controlnet_demo_current.pt", "controlnet")
@@ -190,8 +192,9 @@ def evaluate_demo(pipe:MaisiPipeline, recipe:dict, n:int=20, num_inference_steps
     "QC pass rate and organ-in-range share over `n` held-out masks; VAE PSNR on held-out phantoms and the real CT."
     masks, rows, organs, t0 = holdout_masks(recipe, n), [], [], time.time()
     for i, (lab, aff, regs, _) in enumerate(progress(masks, desc="held-out masks", disable=None if progress_bar else True)):
+        phase = "ct_contrast" if phantom_contrast(recipe["holdout_seed"] + i) else "ct_wo_contrast"  # the phantom's own phase
         res = pipe(mask=(lab, aff), mask_source="user", num_inference_steps=num_inference_steps, seed=seed + i,
-                   max_attempts=1, progress_bar=False)
+                   max_attempts=1, progress_bar=False, modality=phase)
         q = res.samples[0].qc
         present = [o for o in q.organs if o.status != "absent"]
         organs += [o.status == "pass" for o in present]
