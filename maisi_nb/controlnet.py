@@ -522,7 +522,7 @@ def infer_controlnet_cli(argv=None):
     cfg, _, val = _prepare(a, need=("output_dir", "trained_autoencoder_path"))
     if not cfg["environment"]["trained_controlnet_path"]:
         only = cfg["environment"]["existing_ckpt_filepath"]
-        raise ValueError("env_config: trained_controlnet_path (the ControlNet to generate with) is required by this command"
+        raise ValueError("env_config: trained_controlnet_path is required by this command (the ControlNet to generate with)"
                          + (f"; existing_ckpt_filepath ({only}) is only where training starts from, pass it with "
                             f"--set trained_controlnet_path=... if that is the one to use" if only else ""))
     if not val: raise ValueError(f"fold: no record has fold {cfg['controlnet_train']['fold']}; nothing to generate from")

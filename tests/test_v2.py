@@ -474,6 +474,11 @@ def test_controlnet_start_checkpoint_keys(training_data, one_thread, capsys):
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "\n" not in err and "name different ControlNets to start training from" in err, err
     assert not (f["dir"] / "cn_both" / "cn_current.pt").exists()
+    from maisi_nb.controlnet import infer_controlnet_cli  # generating needs trained_controlnet_path, asked for by name
+    env = json.loads((f["dir"] / "cn_both_env.json").read_text())
+    with pytest.raises(SystemExit) as e: infer_controlnet_cli(["-e", str(f["dir"] / "cn_both_env.json"), "-c", "tiny", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and "trained_controlnet_path is required" in err and env["existing_ckpt_filepath"] in err, err
 
 
 # ---- training side: NV-Generate v2's trainer files load and validate
