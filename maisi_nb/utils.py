@@ -61,11 +61,11 @@ def randn(shape, generator:torch.Generator, device=None, dtype=torch.float32) ->
 
 # %% ../nbs/000_utils.ipynb #ff57ea3a
 @contextlib.contextmanager
-def atomic_path(path, overwrite:bool=True):
-    "Yield a temporary path beside `path`; on success rename it to `path`, on failure remove it."
+def atomic_path(path, overwrite:bool=False):
+    "Yield a temporary path beside `path`; on success rename it to `path`, on failure remove it (refuses an existing `path` unless `overwrite`)."
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite on the command line) to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes) or ".tmp"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
@@ -78,13 +78,13 @@ def atomic_path(path, overwrite:bool=True):
     finally:
         if os.path.exists(tmp): os.remove(tmp)
 
-def save_json(obj, path, overwrite:bool=True):
-    "Write `obj` as indented JSON, atomically."
+def save_json(obj, path, overwrite:bool=False):
+    "Write `obj` as indented JSON, atomically (refuses to replace an existing file unless `overwrite`)."
     with atomic_path(path, overwrite) as tmp: Path(tmp).write_text(json.dumps(obj, indent=2, default=str))
     return Path(path)
 
-def torch_save(obj, path, overwrite:bool=True):
-    "`torch.save` atomically (a crash never leaves a truncated checkpoint)."
+def torch_save(obj, path, overwrite:bool=False):
+    "`torch.save` atomically: a crash never leaves a truncated checkpoint (refuses to replace an existing file unless `overwrite`)."
     with atomic_path(path, overwrite) as tmp: torch.save(obj, tmp)
     return Path(path)
 
