@@ -22,7 +22,8 @@ from .config import read_config, command_parser, cli_command
 # %% auto #0
 __all__ = ['DEMO_NETWORK', 'DEMO_ROLES', 'DEMO_RECIPE', 'STAGES', 'ATTRIBUTION', 'quick_recipe', 'check_recipe', 'make_demo_data',
            'load_trained', 'save_demo_model', 'holdout_masks', 'evaluate_demo', 'without_controlnet', 'train_demo',
-           'model_card', 'card_section', 'save_gallery', 'write_model_card', 'train_demo_cli', 'demo_gallery']
+           'model_card', 'card_section', 'save_gallery', 'write_model_card', 'train_demo_cli', 'demo_gallery',
+           'paired_figure']
 
 # %% ../nbs/06_demo_model.ipynb #9e92484b
 DEMO_NETWORK = _merge(PRESETS["tiny"], {
@@ -352,4 +353,23 @@ def demo_gallery(pipe:MaisiPipeline, body_regions=("chest", "abdomen", "chest,ab
         show_ct(s.image, s.mask_label, s.spacing, ax=row[3:], views=("coronal",))
         qc = f"QC {s.qc.status}" + (": " + ", ".join(s.qc.failed) if s.qc.failed else "")
         row[0].set_ylabel(f"{'+'.join(regs)}\n{qc}", fontsize=8)
+    return fig
+
+def paired_figure(pipe:MaisiPipeline, recipe:dict, n:int=4, num_inference_steps:int=30, seed:int=0, size:float=1.8):
+    "Held-out phantoms (their masks as user masks, their own contrast phase) next to what the model generates from them: soft-tissue and bone windows, axial and coronal."
+    import matplotlib.pyplot as plt
+    from maisi_nb.phantoms import show_ct
+    masks = holdout_masks(recipe, n)
+    cols = [("phantom", "soft", "axial"), ("generated", "soft", "axial"), ("phantom", "bone", "axial"), ("generated", "bone", "axial"),
+            ("phantom", "soft", "coronal"), ("generated", "soft", "coronal")]
+    fig, axs = plt.subplots(n, len(cols), figsize=(len(cols) * size, n * size), squeeze=False, layout="constrained")
+    for i, (row, (lab, aff, regs, ref)) in enumerate(zip(axs, masks)):
+        phase = "ct_contrast" if phantom_contrast(recipe["holdout_seed"] + i) else "ct_wo_contrast"
+        res = pipe(mask=(lab, aff), mask_source="user", seed=seed + i, num_inference_steps=num_inference_steps,
+                   modality=phase, max_attempts=1, progress_bar=False)
+        vols = {"phantom": ref, "generated": res.samples[0].image}
+        for a, (what, window, view) in zip(row, cols):
+            show_ct(vols[what], None, recipe["spacing"], window=window, ax=[a], views=(view,))
+            a.set_title(f"{what}, {window} window" if i == 0 else "", fontsize=7)
+        row[0].set_ylabel(f"{'+'.join(regs)}\n{'contrast' if phase == 'ct_contrast' else 'plain'}", fontsize=7)
     return fig
