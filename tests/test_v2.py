@@ -551,3 +551,20 @@ def test_mr_diffusion_training_tiny(training_data, one_thread, tmp_path, capsys)
     st = load_state(tmp_path / "models" / "diff_unet_mr_train_state.pt")
     assert st["meta"]["modality_dropout"] == 0.1 and len(st["records"]) == 2
     capsys.readouterr()
+
+
+def test_modality_dropout_is_part_of_the_run(training_data, one_thread, tmp_path):
+    "Same seed, same weights with dropout on; a resume with another dropout is refused."
+    from maisi_nb.diffusion import latent_records, train_diffusion
+    f = training_data
+    recs = [{**r, "modality": 9} for r in latent_records(f["datalist"], f["dir"] / "emb")]
+    def run(name, p, **kw):
+        unet = build_networks("tiny", "cpu", which=("diffusion_unet",), seed=0).diffusion_unet
+        train_diffusion(unet, make_scheduler("rflow"), recs, n_epochs=2, lr=1e-3, batch_size=2, ckpt_path=tmp_path / name,
+                        modality_dropout=p, seed=1, device="cpu", progress_bar=False, **kw)
+        return unet.state_dict()
+    a, b = run("a.pt", 0.5), run("b.pt", 0.5, until_epoch=1)
+    b = run("b.pt", 0.5, resume=True)
+    for k in a: assert torch.equal(a[k], b[k]), k
+    with pytest.raises(ValueError, match="modality_dropout: resuming a run started with modality_dropout 0.5, got 0.1"):
+        run("b.pt", 0.1, resume=True)
