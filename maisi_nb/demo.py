@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_demo_model.ipynb #0a93cf34
 from __future__ import annotations
-import argparse, copy, json, shutil, time
+import argparse, copy, json, shutil, tempfile, time
 from pathlib import Path
 import numpy as np
 import torch
@@ -17,13 +17,15 @@ from .controlnet import make_controlnet_datalist, train_controlnet_cli
 from .inference import PIPELINE_FILE, MaisiPipeline, SMALL_LIMITS, demo_model_dir
 from .features import reconstruction_metrics
 from .utils import atomic_path, progress, save_json
+from .masks import build_mask_db
+from .labels import modality_id
 from .config import read_config, command_parser, cli_command
 
 # %% auto #0
-__all__ = ['DEMO_NETWORK', 'DEMO_ROLES', 'DEMO_RECIPE', 'STAGES', 'ATTRIBUTION', 'quick_recipe', 'check_recipe', 'make_demo_data',
-           'load_trained', 'save_demo_model', 'holdout_masks', 'evaluate_demo', 'without_controlnet', 'train_demo',
-           'model_card', 'card_section', 'save_gallery', 'write_model_card', 'train_demo_cli', 'demo_gallery',
-           'paired_figure']
+__all__ = ['DEMO_NETWORK', 'DEMO_ROLES', 'DEMO_RECIPE', 'STAGES', 'DEMO_MASK_DB', 'ATTRIBUTION', 'quick_recipe', 'check_recipe',
+           'make_demo_data', 'load_trained', 'write_mask_database', 'save_demo_model', 'holdout_masks', 'evaluate_demo',
+           'without_controlnet', 'train_demo', 'model_card', 'card_section', 'save_gallery', 'write_model_card',
+           'train_demo_cli', 'demo_gallery', 'paired_figure']
 
 # %% ../nbs/06_demo_model.ipynb #9e92484b
 DEMO_NETWORK = _merge(PRESETS["tiny"], {
@@ -164,14 +166,32 @@ def load_trained(work_dir, device="cpu") -> MaisiPipeline:
     load_checkpoint(nets.controlnet, w / "controlnet_demo_current.pt", "controlnet")
     return MaisiPipeline(nets, limits=SMALL_LIMITS, source="maisi_nb demo model")
 
-def save_demo_model(pipe:MaisiPipeline, out_dir, recipe:dict, extra:dict=None, overwrite:bool=False) -> Path:
+DEMO_MASK_DB = {"n": 24, "seed": 2_000_003}  # candidate masks: phantoms from seeds no training or held-out volume used
+
+def write_mask_database(model_dir, recipe:dict, n:int=24, seed:int=2_000_003) -> Path:
+    "Phantom masks of the recipe's body regions on its grid (half with a tumour), indexed as `model_dir`'s candidate-mask database (used when asked: `mask_source='database'`)."
+    d, r = Path(model_dir), check_recipe(recipe)
+    with tempfile.TemporaryDirectory() as tmp:
+        make_phantom_dataset(tmp, n, r["output_size"], r["spacing"], r["phantoms"]["body_regions"], seed=seed, tumor_prob=0.5, folds=1)
+        recs, skipped = build_mask_db(Path(tmp) / "labelsTr", d / "mask_database.json", out_mask_dir=d / "masks", overwrite=True)
+    if skipped: raise RuntimeError(f"mask database: {len(skipped)} phantom mask(s) could not be indexed, e.g. {skipped[0]}")
+    meta = json.loads((d / PIPELINE_FILE).read_text()) | {"mask_database": "mask_database.json", "mask_dir": "masks"}
+    meta["default_mask_source"] = meta.get("default_mask_source") or "phantom"   # 24 masks: retrieval when asked, phantoms by default
+    save_json(meta, d / PIPELINE_FILE, overwrite=True)
+    return d / "mask_database.json"
+
+def save_demo_model(pipe:MaisiPipeline, out_dir, recipe:dict, extra:dict=None, overwrite:bool=False,
+                    mask_db:dict=None, # e.g. DEMO_MASK_DB: also write a candidate-mask database (`write_mask_database`)
+                   ) -> Path:
     "Write `pipe` as a float16 pipeline folder with the recipe and `extra` facts (atomic: a temp folder renamed)."
     out = Path(out_dir)
     if (out / PIPELINE_FILE).exists() and not overwrite: raise FileExistsError(f"{out} holds a model; pass overwrite=True")
     tmp = out.with_name(out.name + ".tmp"); shutil.rmtree(tmp, ignore_errors=True)
     nets = copy.copy(pipe.networks)
     for r in ("autoencoder", "diffusion_unet", "controlnet"): setattr(nets, r, _half_copy(pipe.networks[r]))
-    MaisiPipeline(nets, limits=pipe.limits, output_size=pipe.output_size, spacing=pipe.spacing).save_pretrained(tmp)
+    MaisiPipeline(nets, limits=pipe.limits, output_size=pipe.output_size, spacing=pipe.spacing,
+                  default_modality=pipe.default_modality).save_pretrained(tmp)
+    if mask_db: write_mask_database(tmp, recipe, **mask_db)
     save_json({"recipe": recipe, **(extra or {})}, tmp / "training.json")
     if out.exists(): shutil.rmtree(out)
     tmp.rename(out)
@@ -241,9 +261,11 @@ def train_demo(out_dir, # where the demo model folder is written (e.g. maisi_nb/
         (w / f"{name}.done").write_text(json.dumps({"seconds": round(time.time() - t, 1)}))
     pipe = load_trained(w, device)
     pipe.output_size, pipe.spacing = list(r["output_size"]), [float(s) for s in r["spacing"]]
+    phases = {x.get("modality") for x in json.loads((w / "datalist.json").read_text())["training"]}
+    if None not in phases: pipe.default_modality = modality_id("ct_contrast")   # trained on phases: a call without one gets contrast CT
     facts = {"train_seconds": {k: json.loads((w / f"{k}.done").read_text())["seconds"] for k in ("data", *STAGES)},
              "torch_threads": torch_threads, "parameters": {k: count_parameters(m) for k, m in pipe.networks.networks().items()}}
-    out = save_demo_model(pipe, out, r, facts, overwrite=overwrite)
+    out = save_demo_model(pipe, out, r, facts, overwrite=overwrite, mask_db=DEMO_MASK_DB)
     if evaluate:
         loaded = MaisiPipeline.from_pretrained(out, device=device)
         facts["metrics"] = evaluate_demo(loaded, r, n=evaluate)

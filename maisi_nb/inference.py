@@ -28,6 +28,7 @@ from .masks import (to_anatomy_ids, check_controllable_anatomy_size, prepare_siz
                             AnatomyLostError, read_user_mask)
 from .hu_qc import quality_check, QCResult, ORGAN_GROUPS, NONFINITE
 from .phantoms import make_phantom, show_ct, WINDOWS, parse_regions
+from .mask_generator import phantom_size_request, attach_mask_generator, mask_generator_data, read_size_conditions
 from .config import command_parser, cli_command, unknown_key_error
 from .training import is_temp_file, setup_distributed
 from .dicom import save_dicom, load_dicom_series, load_dicom_seg
@@ -45,8 +46,8 @@ __all__ = ['INFER_DEFAULTS', 'INDIRECTION_KEYS', 'OUTPUT_EXTS', 'MAISI_LIMITS', 
            'temp_files', 'memory_budget', 'recording_denoised', 'GeneratedSample', 'output_label', 'GenerationResult',
            'NonFiniteOutputError', 'software_versions', 'render_slices', 'label_legend', 'sidecar', 'load_sample',
            'manifest_line', 'write_manifest', 'read_manifest', 'merge_manifests', 'find_released_data',
-           'demo_model_dir', 'default_pipeline', 'find_path', 'pipeline_from_environment', 'read_environment',
-           'infer_settings', 'generate_cli']
+           'demo_model_dir', 'default_pipeline', 'with_demo_mask_generator', 'find_path', 'pipeline_from_environment',
+           'read_environment', 'infer_settings', 'generate_cli']
 
 # %% ../nbs/04_inference.ipynb #463c6b07
 INFER_DEFAULTS = {  # config_infer keys -> defaults; None for output_size/spacing means "the model's default grid"
@@ -323,7 +324,8 @@ class MaisiPipeline:
                  mask_generation_spacing:float=None, # mm per voxel of generated masks (None: 384 mm / its size)
                  source:str=None, # where the weights came from (recorded in sidecars)
                  fast:dict=None, # `fast_inference` options and `sampling_dtype`, over FAST_DEFAULTS
-                 default_modality=1): # the class label a call without `modality` uses (name or code; 1: ct)
+                 default_modality=1, # the class label a call without `modality` uses (name or code; 1: ct)
+                 default_mask_source:str=None): # the mask source of a call that names none (None: database if there is one, else phantom)
         if not isinstance(networks, MaisiNetworks):
             raise TypeError(f"networks: expected a MaisiNetworks (from build_networks or load_pretrained), got "
                             f"{type(networks).__name__}; for released weights or the demo model use "
@@ -344,6 +346,9 @@ class MaisiPipeline:
         self.mask_generation_spacing = float(mask_generation_spacing or 384.0 / (4 * lat[1]))
         self.fast = {**FAST_DEFAULTS, **(fast or {})}
         self.default_modality = modality_id(default_modality, "default_modality")
+        if default_mask_source not in (None, "database", "phantom"):
+            raise ValueError(f"default_mask_source: got {default_mask_source!r}; allowed: None, 'database', 'phantom'")
+        self.default_mask_source = default_mask_source
         if self.fast["sampling_dtype"] not in (None, "float32", "float16", "bfloat16"):
             raise ValueError(f"fast: sampling_dtype must be None, 'float32', 'float16' or 'bfloat16', got {self.fast['sampling_dtype']!r}")
 
@@ -395,8 +400,9 @@ def from_preset(cls:MaisiPipeline, preset:str="tiny", # a name in `networks.PRES
 @patch
 def choose_mask_source(self:MaisiPipeline, mask_source=None, mask=None, controllable_anatomy_size=()) -> str:
     "The mask source a call will use, checked against what this pipeline has."
-    src = mask_source or ("user" if mask is not None else "generated" if controllable_anatomy_size
-                          else "database" if self.mask_database is not None else "phantom")
+    sized = "generated" if self.mask_generator is not None else "phantom"   # the phantom generator honours sizes too
+    src = mask_source or ("user" if mask is not None else sized if controllable_anatomy_size
+                          else self.default_mask_source or ("database" if self.mask_database is not None else "phantom"))
     if src not in MASK_SOURCES: raise ValueError(f"mask_source: unknown {src!r}; allowed: {', '.join(MASK_SOURCES)}")
     if src == "user" and mask is None: raise ValueError("mask_source: 'user' needs `mask` (a NIfTI path or (array, affine))")
     if src == "generated" and not controllable_anatomy_size:
@@ -407,23 +413,34 @@ def choose_mask_source(self:MaisiPipeline, mask_source=None, mask=None, controll
         raise ValueError("mask_source: 'database' needs a mask database (pipeline.mask_database / --mask-database); "
                          "build one with maisi_build_mask_db")
     if mask is not None and src != "user": raise ValueError(f"mask: given, but mask_source is {src!r}")
+    if controllable_anatomy_size and src in ("database", "user"):
+        raise ValueError(f"controllable_anatomy_size: the {src!r} mask source cannot change sizes; use 'generated' (a mask "
+                         "generator) or 'phantom'")
     return src
 
 # %% ../nbs/04_inference.ipynb #6637ded7
 def _names(ids) -> str: return ", ".join(f"{label_name(i)} ({i})" for i in ids)
 
 @patch
-def phantom_mask(self:MaisiPipeline, body_region, output_size, spacing, anatomy_list=(), seed:int=0) -> dict:
+def phantom_mask(self:MaisiPipeline, body_region, output_size, spacing, anatomy_list=(), seed:int=0,
+                 controllable_anatomy_size=(), # [[name, percentile], ...]: organ scales and tumour radii to match
+                ) -> dict:
     "Mask sample of a procedural phantom of `body_region` on the requested grid (needs no data)."
     regions, ids = parse_regions(_as_list(body_region) or ["chest", "abdomen"]), to_anatomy_ids(anatomy_list)
-    p = make_phantom(output_size, spacing, regions, seed=seed, tumors=[i for i in ids if i in TUMOR_IDS])
-    missing = [i for i in ids if not (p.label == i).any()]
-    if missing: raise ValueError(f"anatomy_list: {_names(missing)} not in a {'+'.join(regions)} phantom of output_size "
+    scale, sized = phantom_size_request(controllable_anatomy_size) if controllable_anatomy_size else ({}, [])
+    tumors = sized + [i for i in ids if i in TUMOR_IDS and i not in {t for t, _ in sized}]
+    p = make_phantom(output_size, spacing, regions, seed=seed, tumors=tumors, organ_scale=scale or None)
+    field = "controllable_anatomy_size" if controllable_anatomy_size else "anatomy_list"
+    sizes = check_controllable_anatomy_size(controllable_anatomy_size) if controllable_anatomy_size else []
+    want = ids + [label_id(n) for n, s in sizes if s != -1 and label_id(n) not in ids]
+    missing = [i for i in want if not (p.label == i).any()]
+    if missing: raise ValueError(f"{field}: {_names(missing)} not in a {'+'.join(regions)} phantom of output_size "
                                  f"{list(output_size)} at spacing {list(spacing)} mm (outside these body regions, or "
                                  "too small for the spacing)")
     lab = torch.from_numpy(np.ascontiguousarray(p.label))[None, None]
     ms = mask_sample(lab, p.affine, spacing, *body_region_vectors(lab, list(regions)), self.device)
-    return ms | {"info": {"source": "phantom", "body_region": list(regions), "phantom_seed": int(seed)}}
+    sizes = {"organ_scale": {k: round(v, 4) for k, v in scale.items()}, "tumors": [[label_name(t), round(r, 2)] for t, r in sized]} if controllable_anatomy_size else {}
+    return ms | {"info": {"source": "phantom", "body_region": list(regions), "phantom_seed": int(seed), **sizes}}
 
 # %% ../nbs/04_inference.ipynb #c5e4987e
 def user_mask_grid(mask) -> tuple:
@@ -792,7 +809,8 @@ def _mask_for(self:MaisiPipeline, plan:GenerationPlan, i:int, g:torch.Generator,
     "The mask sample of sample `i` from the plan's source."
     c, draw = plan.config, lambda: int(torch.randint(0, 2**31 - 1, (1,), generator=g))
     if plan.source == "user": return plan.user_mask
-    if plan.source == "phantom": return self.phantom_mask(c["body_region"], c["output_size"], c["spacing"], c["anatomy_list"], draw())
+    if plan.source == "phantom": return self.phantom_mask(c["body_region"], c["output_size"], c["spacing"], c["anatomy_list"], draw(),
+                                                          c["controllable_anatomy_size"])
     if plan.source == "database":
         return self.database_mask(plan.records[i], c["output_size"], c["spacing"], c["anatomy_list"], g, plan.options["augment"])
     n = c["mask_generation_num_inference_steps"]
@@ -1153,7 +1171,7 @@ def from_pretrained(cls:MaisiPipeline, directory, # released MAISI folder, or on
     meta = json.loads((d / PIPELINE_FILE).read_text()) if (d / PIPELINE_FILE).is_file() else None
     if meta is None: opts = {k: v for k, v in find_released_data(d).items() if v is not None}
     else:
-        opts = {k: meta[k] for k in ("output_size", "spacing", "mask_generation_spacing", "fast", "default_modality") if meta.get(k) is not None}
+        opts = {k: meta[k] for k in ("output_size", "spacing", "mask_generation_spacing", "fast", "default_modality", "default_mask_source") if meta.get(k) is not None}
         opts["limits"] = GenerationLimits.from_dict(meta["limits"])
         for k in ("mask_database", "mask_dir", "size_conditions", "qc_statistics"):
             if meta.get(k): opts[k] = d / meta[k]
@@ -1181,7 +1199,8 @@ def save_pretrained(self:MaisiPipeline, directory, overwrite:bool=False, include
     meta = {"format": "maisi_nb.pipeline", "format_version": 1, "maisi_nb": maisi_nb.__version__, "version": self.version,
             "preset": self.networks.preset, "limits": self.limits.to_dict(), "output_size": self.output_size,
             "spacing": self.spacing, "mask_generation_spacing": self.mask_generation_spacing, "fast": self.fast,
-            "default_modality": self.default_modality, "variant": self.networks.variant}
+            "default_modality": self.default_modality, "variant": self.networks.variant,
+            "default_mask_source": self.default_mask_source}
     if include_masks and self.mask_database is not None:
         _copy_mask_database(self.mask_database, self.mask_dir, d, overwrite)
         meta |= {"mask_database": "mask_database.json", "mask_dir": "masks"}
@@ -1197,12 +1216,23 @@ def demo_model_dir(package_dir=None) -> Path|None:
     d = Path(package_dir) / "demo_model" if package_dir else Path(str(resources.files("maisi_nb").joinpath("demo_model")))
     return d if (d / PIPELINE_FILE).is_file() else None
 
-def default_pipeline(device=None, package_dir=None) -> MaisiPipeline:
+def default_pipeline(device=None, package_dir=None,
+                     mask_generator:bool=False, # also attach the bundled demo mask generator and its size database
+                    ) -> MaisiPipeline:
     "The bundled demo model, else the untrained tiny preset (with a plain warning on stdout)."
     d = demo_model_dir(package_dir)
-    if d is not None: return MaisiPipeline.from_pretrained(d, device=device, source="maisi_nb demo model")
+    if d is not None:
+        pipe = MaisiPipeline.from_pretrained(d, device=device, source="maisi_nb demo model")
+        return with_demo_mask_generator(pipe) if mask_generator else pipe
     print(NO_WEIGHTS_MESSAGE)
     return MaisiPipeline.from_preset("tiny", device=device, seed=0)
+
+def with_demo_mask_generator(pipe:MaisiPipeline) -> MaisiPipeline:
+    "`pipe` with the bundled demo mask generator in its mask-generation roles and that generator's size database."
+    attach_mask_generator(pipe.networks, device=pipe.device)
+    data = mask_generator_data()
+    if data["size_conditions"] is not None: pipe.size_conditions = read_size_conditions(data["size_conditions"])
+    return pipe
 
 # %% ../nbs/04_inference.ipynb #96be4303
 ENV_WEIGHT_KEYS = {"autoencoder": "trained_autoencoder_path", "diffusion_unet": "trained_diffusion_path",
@@ -1373,7 +1403,7 @@ def _cli_pipeline(a, env:dict) -> MaisiPipeline:
         if a.network_config or a.version:
             raise ValueError(f"{'-c/--network-config' if a.network_config else '--version'}: given, but no weights are: name "
                              "them with -e (trained_*_path keys) or --weights-dir; the bundled demo model has its own network")
-        pipe = default_pipeline(a.device)
+        pipe = default_pipeline(a.device, mask_generator=a.mask_source == "generated")   # the bundled one, when asked for
     if a.mask_database:
         load_mask_database(a.mask_database)   # a broken database is an error now, not after loading the networks
         pipe.mask_database, pipe.mask_dir = Path(a.mask_database), Path(a.mask_dir or Path(a.mask_database).parent)
