@@ -1,5 +1,6 @@
 """The ControlNet command lines: config errors stop before any work, train -> resume -> refuse, infer writes NIfTI."""
 import json, re, os, subprocess, sys
+os.environ.setdefault("TQDM_DISABLE", "1")   # progress bars would share stderr with the one-line errors checked here
 from pathlib import Path
 import numpy as np
 import pytest
