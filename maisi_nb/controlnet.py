@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_controlnet.ipynb #c39efa1b
 from __future__ import annotations
-import json, os, warnings
+import json, logging, os, warnings
 from pathlib import Path
 import numpy as np
 import torch
@@ -102,7 +102,10 @@ def start_controlnet_path(env:dict) -> str|None:
 # %% ../nbs/03_controlnet.ipynb #17e6edae
 def init_controlnet_from_unet(controlnet:nn.Module, unet:nn.Module) -> dict:
     "Copy every UNet tensor whose name and shape match into the ControlNet (MAISI's start); returns copied/skipped names."
-    _, copied, skipped = copy_model_state(unwrap_model(controlnet), unwrap_model(unet).state_dict(), inplace=True)
+    log = logging.getLogger("monai.networks.utils"); level = log.level
+    log.setLevel(logging.WARNING)   # MONAI logs a timestamped INFO line per copy; the counts are returned instead
+    try: _, copied, skipped = copy_model_state(unwrap_model(controlnet), unwrap_model(unet).state_dict(), inplace=True)
+    finally: log.setLevel(level)
     return {"copied": list(copied), "skipped": list(skipped)}
 
 def freeze(module:nn.Module) -> nn.Module:
