@@ -201,7 +201,8 @@ _MODALITY = number(0, 127, integer=True) | Field(lambda v: isinstance(v, str) an
 MODEL_CONFIG_DEFAULTS = {
     "environment": dict.fromkeys(("data_base_dir", "embedding_base_dir", "json_data_list", "model_dir", "model_filename",
         "output_dir", "output_prefix", "trained_autoencoder_path", "existing_ckpt_filepath", "modality_mapping_path")),
-    "diffusion_unet_train": {"batch_size": 1, "cache_rate": 0, "lr": 1e-5, "n_epochs": 1000},
+    "diffusion_unet_train": {"batch_size": 1, "cache_rate": 0, "lr": 1e-5, "n_epochs": 1000,
+                             "modality_dropout": None},  # maisi_nb's key for v2's label dropout (the trainer: 0, or 0.1 for v2)
     "diffusion_unet_inference": {"dim": None, "spacing": None, "top_region_index": [0, 1, 0, 0],
         "bottom_region_index": [0, 0, 1, 0], "random_seed": None, "num_inference_steps": None, "modality": None,
         "cfg_guidance_scale": None}}
@@ -210,7 +211,7 @@ MODEL_CONFIG_RULES = dict.fromkeys(MODEL_CONFIG_DEFAULTS["environment"], _PATH) 
     "n_epochs": number(1, integer=True), "dim": vector(3, 1, integer=True) | NONE,
     "spacing": vector(3, 0, lo_open=True) | NONE, "top_region_index": _one_hot(4), "bottom_region_index": _one_hot(4),
     "random_seed": number(0, integer=True) | NONE, "num_inference_steps": number(1, 1000, integer=True) | NONE,
-    "modality": _MODALITY | NONE, "cfg_guidance_scale": number(0) | NONE}
+    "modality": _MODALITY | NONE, "cfg_guidance_scale": number(0) | NONE, "modality_dropout": number(0, 1) | NONE}
 
 def _variant_of_file(name) -> str|None:
     return next((v for v, s in VARIANTS.items() if name and Path(str(name)).name in s.files["diffusion_unet"]), None)
