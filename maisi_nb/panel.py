@@ -8,7 +8,7 @@ import html, threading, warnings
 from pathlib import Path
 import numpy as np
 from fastcore.basics import patch
-from .labels import LABELS, BODY_REGIONS, CONTROLLABLE_ANATOMIES, MODALITIES
+from .labels import LABELS, BODY_REGIONS, CONTROLLABLE_ANATOMIES, MODALITIES, modality_id
 from .phantoms import WINDOWS, show_ct
 from .inference import MaisiPipeline, default_pipeline, render_slices
 
@@ -166,8 +166,8 @@ class GenerationPanel:
         self.body_region = W.SelectMultiple(options=BODY_REGIONS, value=("chest", "abdomen"), description="body region", style=_WIDE)
         self.anatomy = W.SelectMultiple(options=sorted(n for n, _ in LABELS.values()), description="anatomy", rows=6, style=_WIDE)
         no_mg = not self.has_mask_generator
-        self.sizes = {n: (W.Checkbox(value=False, description=n, indent=False, disabled=no_mg, layout={"width": "190px"}),
-                          W.FloatSlider(value=.5, min=0, max=1, step=.05, disabled=no_mg, layout={"width": "220px"}))
+        self.sizes = {n: (W.Checkbox(value=False, description=n, indent=False, layout={"width": "190px"}),   # phantoms honour sizes too
+                          W.FloatSlider(value=.5, min=0, max=1, step=.05, layout={"width": "220px"}))
                       for n in CONTROLLABLE_ANATOMIES}
         step = p.limits.size_multiple
         self.output_size = [W.BoundedIntText(value=v, min=step, max=p.limits.max_size, step=step, layout={"width": "80px"}) for v in p.output_size]
@@ -176,7 +176,8 @@ class GenerationPanel:
         self.scheduler = W.Dropdown(options=["model default", "rflow", "ddpm"], description="scheduler", style=_WIDE)
         self.steps = W.BoundedIntText(value=30 if p.version == "rflow" else 1000, min=1, max=1000, description="steps", style=_WIDE)
         self.mask_steps = W.BoundedIntText(value=1000, min=1, max=1000, description="mask steps", disabled=no_mg, style=_WIDE)
-        self.modality = W.Dropdown(options=_CONTRASTS, value="ct", description="contrast", disabled=not self.takes_modality, style=_WIDE)
+        own = next((v for _, v in _CONTRASTS if modality_id(v) == p.default_modality), "ct")   # the model's default phase
+        self.modality = W.Dropdown(options=_CONTRASTS, value=own, description="contrast", disabled=not self.takes_modality, style=_WIDE)
         self.seed = W.BoundedIntText(value=0, min=0, max=2**31 - 1, description="seed", style=_WIDE)
         self.max_attempts = W.BoundedIntText(value=3, min=1, max=10, description="QC attempts", style=_WIDE)
         self.generate_button = W.Button(description="Generate", button_style="primary")
@@ -198,11 +199,12 @@ def _build(self:GenerationPanel, W):
     self.save_button.on_click(self.save)
     sizes = [W.HBox([c, s]) for c, s in self.sizes.values()]
     if not self.has_mask_generator:
-        sizes.insert(0, _note("this model has no mask generator: controllable sizes and mask steps need MAISI's "
-                              "mask-generation networks (a released MAISI folder); masks come from phantoms here"))
+        sizes.insert(0, _note("this model has no mask generator: ticked sizes scale the procedural phantom (organ "
+                              "scale, tumour radius); MAISI's mask-generation networks (a released MAISI folder, or "
+                              "default_pipeline(mask_generator=True)) would draw them, with mask steps"))
     grid = W.VBox([W.HBox([W.Label("output size"), *self.output_size]), W.HBox([W.Label("spacing mm"), *self.spacing]), self.fov])
     left = W.VBox([self.body_region, self.anatomy, grid])
-    right = W.VBox([W.HTML("<b>controllable sizes</b> (tick to use the mask generator)"), *sizes], layout={"max_width": "460px"})
+    right = W.VBox([W.HTML("<b>controllable sizes</b> (tick to ask for a size percentile)"), *sizes], layout={"max_width": "460px"})
     contrast = [self.modality] + ([] if self.takes_modality else [_note("this model has no contrast/modality input")])
     run = W.HBox([W.VBox([self.scheduler, self.steps, self.mask_steps]), W.VBox([*contrast, self.seed, self.max_attempts]),
                   W.VBox([self.generate_button, self.cancel_button])])
@@ -234,8 +236,6 @@ def settings(self:GenerationPanel) -> dict:
 def check(self:GenerationPanel) -> str|None:
     "Why the current settings cannot generate (shown instead of generating), or None."
     s = self.settings()
-    if s["controllable_anatomy_size"] and not self.has_mask_generator:
-        return "controllable sizes: this model has no mask generator; untick them"
     if not s["body_region"] and not s["controllable_anatomy_size"]:
         return ("body region: select at least one (ctrl/⌘- or shift-click to select several)"
                 + (", or tick a controllable size to draw the mask with the mask generator" if self.has_mask_generator else ""))

@@ -3,7 +3,8 @@ import threading
 import numpy as np
 import pytest
 import torch
-from maisi_nb.inference import MaisiPipeline, default_pipeline, render_slices
+from maisi_nb.inference import MaisiPipeline, default_pipeline, render_slices, OVERLAY_ALPHA
+from maisi_nb.labels import modality_id
 from maisi_nb.networks import build_networks
 from maisi_nb.panel import (GenerationPanel, SliceViewer, VIEWER_NOTE, itk_image_dict, itk_physical_point, render_views,
                             to_itk_image, view_3d, _itkwidgets)
@@ -55,19 +56,21 @@ def test_cancel_background_thread(tiny, tmp_path):
     p.cancel_button.click(); p.thread.join(120)
     assert not p.thread.is_alive() and "cancelled" in p.status.value and p.result is None
 
-def test_no_mask_generator_greys_out(tiny, tmp_path):
+def test_no_mask_generator_sizes_scale_the_phantom(tiny, tmp_path):
     from dataclasses import replace
     bare = MaisiPipeline(replace(tiny.networks, mask_generation_autoencoder=None, mask_generation_diffusion=None))
     p = GenerationPanel(bare, output_dir=tmp_path / "bare", background=False)
-    assert not p.has_mask_generator and p.mask_steps.disabled and all(c.disabled and s.disabled for c, s in p.sizes.values())
-    p.sizes["liver"][0].value = True; p.generate_button.click()
-    assert "no mask generator" in p.status.value and p.result is None
+    assert not p.has_mask_generator and p.mask_steps.disabled and not any(c.disabled or s.disabled for c, s in p.sizes.values())
+    p.sizes["liver"][0].value, p.sizes["liver"][1].value = True, 0.9; p.steps.value = 2
+    p.generate_button.click()   # no mask generator: the phantom is scaled to the requested size
+    assert p.status.value.startswith("done"), p.status.value
+    assert p.result.samples[0].mask["source"] == "phantom" and p.result.samples[0].mask["organ_scale"]["liver"] > 1
     q = GenerationPanel(tiny, output_dir=tmp_path / "full", background=False)
     assert q.has_mask_generator and not q.mask_steps.disabled and not any(c.disabled for c, s in q.sizes.values())
 
 def test_demo_model_contrast(tmp_path):
     p = GenerationPanel(output_dir=tmp_path / "demo", background=False)  # the demo model has a modality input
-    assert not p.modality.disabled and p.settings()["modality"] == "ct"
+    assert not p.modality.disabled and modality_id(p.settings()["modality"]) == p.pipeline.default_modality   # the model's own phase
     p.modality.value = "ct_contrast"; p.steps.value = 2
     p.generate_button.click()
     assert p.status.value.startswith("done"), p.status.value
@@ -77,7 +80,7 @@ def test_demo_model_contrast(tmp_path):
 def test_overlay_opacity():
     rng = np.random.default_rng(0)
     img = rng.normal(0, 300, (16, 16, 16)).astype(np.float32); lab = rng.integers(0, 6, (16, 16, 16)).astype(np.uint8)
-    assert render_views(img, lab, alpha=.4) == render_slices(img, lab)
+    assert render_views(img, lab, alpha=OVERLAY_ALPHA) == render_slices(img, lab)
     v = SliceViewer(img, lab)
     assert v.opacity.value == .3
     a = v.view.value; v.opacity.value = .9
