@@ -42,7 +42,7 @@ DEMO_RECIPE = {
     "phantoms": {"n": 200, "body_regions": ["head", "chest", "chest,abdomen", "abdomen", "abdomen,lower", "lower"],
                  "tumor_prob": 0.33, "folds": 10},
     "real_ct": {"n": 60, "spacing_range": [[3.6, 4.4], [3.6, 4.4]]},
-    "vae": {"batch_size": 4, "patch_size": [32, 32, 32], "lr": 1e-3, "n_epochs": 60, "steps_per_epoch": 40,
+    "vae": {"batch_size": 4, "patch_size": [32, 32, 32], "lr": 3e-4, "n_epochs": 60, "steps_per_epoch": 40,
             "kl_weight": 1e-6, "perceptual_network": "vgg16-hed", "perceptual_weight": 0.1, "fake_3d_ratio": 0.125,
             "adv_weight": 0.05, "disc_channels": 16, "val_interval": 10,
             "lr_warmup": [[0, 0.1], [1, 1.0], [36, 0.5], [48, 0.25], [55, 0.1]], "cache": 1.0, "amp": False},
