@@ -286,7 +286,16 @@ class Run:
         raw = z / float(self.pipe.scale_factor)
         return {"scale_factor": float(self.pipe.scale_factor), "phantom_std": float(z.std()), "phantom_mean": float(z.mean()),
                 "phantom_channel_std": [float(torch.cat([e[0, c].flatten() for e in self.enc]).std()) for c in range(self.enc[0].shape[1])],
-                "ideal_scale_factor": float(1 / raw.std()), "real_std": float(zr.std()), "real_mean": float(zr.mean())}
+                "ideal_scale_factor": float(1 / raw.std()), "real_std": float(zr.std()), "real_mean": float(zr.mean()),
+                "posterior_snr": self.posterior_snr()}
+
+    @torch.no_grad()
+    def posterior_snr(self) -> list:
+        "Per latent channel: spread of the encoder's means over the held-out phantoms / its mean posterior sigma (near 1 or below: the channel carries little beyond the prior's noise)."
+        mus, sigmas = zip(*[self.pipe.autoencoder.encode(torch.as_tensor((np.clip(m[3], -1000, 1000) + 1000) / 2000,
+                                                                        dtype=torch.float32)[None, None]) for m in self.masks])
+        mu, sg = torch.cat([m.flatten(2) for m in mus], 2), torch.cat([s.flatten(2) for s in sigmas], 2)
+        return [float(mu[0, c].std() / sg[0, c].mean()) for c in range(mu.shape[1])]
 
 
 def summarise(per:list) -> dict:
@@ -524,7 +533,8 @@ def main(argv=None):
                     f"Latents in diffusion space (encoded mean × scale factor {lat['scale_factor']:.4f}): held-out phantoms mean "
                     f"{lat['phantom_mean']:.3f}, std {lat['phantom_std']:.3f} (per channel {', '.join(f'{v:.2f}' for v in lat['phantom_channel_std'])}); "
                     f"real CT mean {lat['real_mean']:.3f}, std {lat['real_std']:.3f}. The scale factor that gives the phantoms std 1: "
-                    f"{lat['ideal_scale_factor']:.4f}.",
+                    f"{lat['ideal_scale_factor']:.4f}. Posterior signal-to-noise per channel (spread of the encoder's means / mean sigma; "
+                    f"about 1 or below: the channel carries little): {', '.join(f'{v:.2f}' for v in lat['posterior_snr'])}.",
                     f"Autoencoder round trip on the real CT: PSNR {ae['real_ct']['psnr']:.1f} dB, bone / real {f(ae['real_ct']['bone_ratio'])}, "
                     f"soft-organ err {f(ae['real_ct']['soft_err'], '{:.0f}')} HU, air holes {ae['real_ct']['air_holes']:.2%}, "
                     f"texture ratio {f(ae['real_ct']['texture_ratio'])}.", ""]

@@ -22,10 +22,11 @@ from .labels import modality_id
 from .config import read_config, command_parser, cli_command
 
 # %% auto #0
-__all__ = ['DEMO_NETWORK', 'DEMO_ROLES', 'DEMO_RECIPE', 'STAGES', 'DEMO_MASK_DB', 'ATTRIBUTION', 'quick_recipe', 'check_recipe',
-           'make_demo_data', 'load_trained', 'write_mask_database', 'save_demo_model', 'holdout_masks', 'evaluate_demo',
-           'without_controlnet', 'train_demo', 'model_card', 'card_section', 'save_gallery', 'write_model_card',
-           'train_demo_cli', 'demo_gallery', 'paired_figure']
+__all__ = ['DEMO_NETWORK', 'DEMO_ROLES', 'DEMO_RECIPE', 'FINETUNE_DIR', 'RUN_METRICS', 'STAGES', 'DEMO_MASK_DB', 'ATTRIBUTION',
+           'quick_recipe', 'check_recipe', 'make_demo_data', 'stage_seconds', 'final_autoencoder', 'load_trained',
+           'write_mask_database', 'save_demo_model', 'holdout_masks', 'evaluate_demo', 'without_controlnet',
+           'train_demo', 'model_card', 'card_section', 'save_gallery', 'write_model_card', 'train_demo_cli',
+           'demo_gallery', 'paired_figure']
 
 # %% ../nbs/06_demo_model.ipynb #9e92484b
 DEMO_NETWORK = _merge(PRESETS["tiny"], {
@@ -42,10 +43,13 @@ DEMO_RECIPE = {
     "phantoms": {"n": 200, "body_regions": ["head", "chest", "chest,abdomen", "abdomen", "abdomen,lower", "lower"],
                  "tumor_prob": 0.33, "folds": 10},
     "real_ct": {"n": 60, "spacing_range": [[3.6, 4.4], [3.6, 4.4]]},
-    "vae": {"batch_size": 4, "patch_size": [32, 32, 32], "lr": 3e-4, "n_epochs": 60, "steps_per_epoch": 40,
+    "vae": {"batch_size": 4, "patch_size": [32, 32, 32], "lr": 3e-4, "n_epochs": 35, "steps_per_epoch": 40,
             "kl_weight": 1e-6, "perceptual_network": "vgg16-hed", "perceptual_weight": 0.1, "fake_3d_ratio": 0.125,
             "adv_weight": 0.05, "disc_channels": 16, "val_interval": 10,
-            "lr_warmup": [[0, 0.1], [1, 1.0], [36, 0.5], [48, 0.25], [55, 0.1]], "cache": 1.0, "amp": False},
+            "lr_warmup": [[0, 0.1], [1, 1.0]], "cache": 1.0, "amp": False},
+    # then from those weights with a 100x weaker KL term (keys override "vae"): at 1e-6 two of the four latent
+    # channels had collapsed onto the prior (posterior sigma ~1.1 against a spread of the means of ~0.35)
+    "vae_finetune": {"n_epochs": 40, "kl_weight": 1e-8, "lr_warmup": [[0, 1.0], [20, 0.5], [30, 0.25], [36, 0.1]]},
     "diffusion": {"n_epochs": 60, "batch_size": 8, "lr": 1e-3, "cache_rate": 1.0},
     "controlnet": {"n_epochs": 40, "batch_size": 8, "lr": 1e-3, "cache_rate": 1.0, "weighted_loss": 5,
                    "weighted_loss_label": [23, 24, 26, 27, 128]},
@@ -59,6 +63,7 @@ def quick_recipe() -> dict:
     r["phantoms"].update(n=6, folds=3); r["real_ct"].update(n=2, spacing_range=[[11.5, 12.5], [11.5, 12.5]])
     r["vae"].update(batch_size=2, patch_size=[32, 32, 32], n_epochs=2, steps_per_epoch=2, val_interval=1,
                     lr_warmup=[[0, 1.0]])
+    r["vae_finetune"].update(n_epochs=1, lr_warmup=[[0, 1.0]])
     r["diffusion"].update(n_epochs=2, batch_size=4); r["controlnet"].update(n_epochs=2, batch_size=4)
     return r
 
@@ -80,6 +85,11 @@ def check_recipe(recipe:dict) -> dict:
     if recipe["phantoms"]["n"] + recipe["real_ct"]["n"] < 3:
         raise ValueError("recipe: phantoms.n + real_ct.n must be at least 3 (training and a held-out fold)")
     parse_region_choices(recipe["phantoms"]["body_regions"], "recipe.phantoms.body_regions")
+    ft = recipe.get("vae_finetune")
+    if ft is not None:
+        bad = sorted(set(ft) - set(recipe["vae"])) if isinstance(ft, dict) else None
+        if bad is None or bad: raise ValueError(f"recipe.vae_finetune: got {bad if bad else ft!r}; allowed: a dict of "
+                                                f"recipe.vae keys to change, e.g. n_epochs, kl_weight, lr, lr_warmup (or null)")
     return recipe
 
 # %% ../nbs/06_demo_model.ipynb #b9e0ddf5
@@ -114,21 +124,49 @@ def _continue(w:Path, run:str) -> str:
     "--resume when a killed earlier attempt left this stage's training state, else --overwrite (a fresh start)."
     return "--resume" if (w / "models" / f"{run}_train_state.pt").is_file() else "--overwrite"
 
-def _vae_stage(w:Path, r:dict, device:str):
-    env = save_json({"model_dir": str(w / "models"), "tfevent_path": str(w / "logs" / "vae"),
+FINETUNE_DIR = "models/finetune"   # the fine-tuned autoencoder's run (its own checkpoints and training state)
+
+def _vae_run(w:Path, r:dict, device:str, model_dir:Path, train:dict, name:str, start:Path=None):
+    "One `maisi_train_vae` run into `model_dir`; `start`: fine-tune these weights (a fresh run), else from scratch."
+    resume = (model_dir / "autoencoder_train_state.pt").is_file()   # a killed earlier attempt: continue it
+    env = save_json({"model_dir": str(model_dir), "tfevent_path": str(w / "logs" / name),
                      "json_data_list": str(w / "vae_datalist.json"), "data_base_dir": str(w),
-                     "network": str(w / "configs" / "network.json")}, w / "configs" / "environment_vae.json", overwrite=True)
+                     "network": str(w / "configs" / "network.json"),
+                     **({"finetune": not resume, "trained_autoencoder_path": str(start)} if start else {})},
+                    w / "configs" / f"environment_{name}.json", overwrite=True)
     cfg = save_json({"data_option": {"random_aug": True, "spacing_type": "original", "spacing": None, "select_channel": 0},
-                     "autoencoder_train": {**r["vae"], "seed": r["seed"], "val_patch_size": None,
+                     "autoencoder_train": {**train, "seed": r["seed"], "val_patch_size": None,
                                            "val_sliding_window_patch_size": r["output_size"]}},
-                    w / "configs" / "config_vae_train.json", overwrite=True)
-    _run_cli(train_vae_cli, ["-c", cfg, "-e", env, "--device", device, _continue(w, "autoencoder")], "autoencoder")
+                    w / "configs" / f"config_{name}_train.json", overwrite=True)
+    _run_cli(train_vae_cli, ["-c", cfg, "-e", env, "--device", device, "--resume" if resume else "--overwrite"], name)
+
+def _vae_stage(w:Path, r:dict, device:str):
+    _vae_run(w, r, device, w / "models", r["vae"], "vae")
+
+def _vae_finetune_stage(w:Path, r:dict, device:str):
+    "The recipe's `vae_finetune` keys over its `vae` ones, starting from the first stage's weights (no-op without it)."
+    if not r.get("vae_finetune"): return
+    _vae_run(w, r, device, w / FINETUNE_DIR, {**r["vae"], **r["vae_finetune"]}, "vae_finetune", start=w / "models" / "autoencoder.pt")
+
+RUN_METRICS = {"autoencoder": "models/autoencoder_metrics.jsonl", "autoencoder_finetune": f"{FINETUNE_DIR}/autoencoder_metrics.jsonl",
+               "diffusion": "models/diff_unet_demo_metrics.jsonl", "controlnet": "models/controlnet_demo_metrics.jsonl"}
+
+def stage_seconds(work_dir, name:str, this_call:float) -> float:
+    "A stage's wall time over all its sittings: the sum of its epochs' recorded times when it trains (a resumed run counts the earlier sittings), else `this_call`."
+    f = Path(work_dir) / RUN_METRICS.get(name, "-")
+    if not f.is_file(): return this_call
+    return max(this_call, sum(json.loads(l).get("time_s", 0) for l in f.read_text().splitlines() if l.strip()))
+
+def final_autoencoder(work_dir) -> Path:
+    "The autoencoder the later stages use: the fine-tuned one when that stage ran, else the first stage's."
+    ft = Path(work_dir) / FINETUNE_DIR / "autoencoder.pt"
+    return ft if ft.is_file() else Path(work_dir) / "models" / "autoencoder.pt"
 
 def _diffusion_env(w:Path) -> Path:
     return save_json({"data_base_dir": str(w), "embedding_base_dir": str(w / "embeddings"),
                       "json_data_list": str(w / "datalist.json"), "model_dir": str(w / "models"),
                       "model_filename": "diff_unet_demo.pt", "output_dir": str(w / "outputs"),
-                      "trained_autoencoder_path": str(w / "models" / "autoencoder.pt")},
+                      "trained_autoencoder_path": str(final_autoencoder(w))},
                      w / "configs" / "environment_diffusion.json", overwrite=True)
 
 def _latent_stage(w:Path, r:dict, device:str):
@@ -149,7 +187,8 @@ def _controlnet_stage(w:Path, r:dict, device:str):
     _run_cli(train_controlnet_cli, ["-e", env, "-c", w / "configs" / "network.json", "-t", tc, "--seed", r["seed"],
                                     "--device", device, _continue(w, "controlnet_demo")], "controlnet")
 
-STAGES = {"autoencoder": (_vae_stage, "models/autoencoder.pt"), "latents": (_latent_stage, "embeddings/dataset_emb.json"),
+STAGES = {"autoencoder": (_vae_stage, "models/autoencoder.pt"), "autoencoder_finetune": (_vae_finetune_stage, f"{FINETUNE_DIR}/autoencoder.pt"),
+          "latents": (_latent_stage, "embeddings/dataset_emb.json"),
           "diffusion": (_diffusion_stage, "models/diff_unet_demo.pt"),
           "controlnet": (_controlnet_stage, "models/controlnet_demo_current.pt")}
 
@@ -161,7 +200,7 @@ def load_trained(work_dir, device="cpu") -> MaisiPipeline:
     "A pipeline (float32) from the checkpoints a recipe wrote under `work_dir/models`."
     w, net = Path(work_dir) / "models", Path(work_dir) / "configs" / "network.json"
     nets = build_networks(str(net) if net.is_file() else DEMO_NETWORK, device, which=DEMO_ROLES, seed=0)  # the network it trained
-    load_checkpoint(nets.autoencoder, w / "autoencoder.pt", "autoencoder")
+    load_checkpoint(nets.autoencoder, final_autoencoder(work_dir), "autoencoder")
     nets.scale_factor = load_checkpoint(nets.diffusion_unet, w / "diff_unet_demo.pt", "diffusion_unet")["scale_factor"]
     load_checkpoint(nets.controlnet, w / "controlnet_demo_current.pt", "controlnet")
     return MaisiPipeline(nets, limits=SMALL_LIMITS, source="maisi_nb demo model")
@@ -258,7 +297,7 @@ def train_demo(out_dir, # where the demo model folder is written (e.g. maisi_nb/
     for name, (fn, result) in {"data": (lambda w, r, dev: make_demo_data(w, r, True, num_workers), "datalist.json"), **STAGES}.items():
         if resume and (w / result).is_file() and (w / f"{name}.done").is_file(): continue
         t = time.time(); fn(w, r, device)
-        (w / f"{name}.done").write_text(json.dumps({"seconds": round(time.time() - t, 1)}))
+        (w / f"{name}.done").write_text(json.dumps({"seconds": round(stage_seconds(w, name, time.time() - t), 1)}))
     pipe = load_trained(w, device)
     pipe.output_size, pipe.spacing = list(r["output_size"]), [float(s) for s in r["spacing"]]
     phases = {x.get("modality") for x in json.loads((w / "datalist.json").read_text())["training"]}
@@ -308,7 +347,8 @@ def model_card(info:dict) -> str:
         f"(seed {r['seed']}). Wall time per stage on {info['torch_threads']} CPU threads: "
         + ", ".join(f"{k} {_fmt_s(v)}" for k, v in ts.items()) + f"; total {_fmt_s(sum(ts.values()))}.", "",
         "| stage | settings |", "|---|---|",
-        f"| autoencoder | {json.dumps(r['vae'])} |", f"| diffusion UNet | {json.dumps(r['diffusion'])} |",
+        f"| autoencoder | {json.dumps(r['vae'])} |",
+        *([f"| autoencoder, fine-tuned from it | {json.dumps(r['vae_finetune'])} |"] if r.get("vae_finetune") else []), f"| diffusion UNet | {json.dumps(r['diffusion'])} |",
         f"| ControlNet | {json.dumps(r['controlnet'])} |", ""]
     m = info.get("metrics")
     if m:
