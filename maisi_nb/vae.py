@@ -32,8 +32,8 @@ __all__ = ['log', 'VAE_TRAIN_CONFIG', 'VAE_TRAIN_EXTRAS', 'VAE_ENVIRONMENT', 'VA
            'validate_vae_train_config', 'load_vae_train_config', 'kl_loss', 'warmup_factor', 'Fake3DPerceptualLoss',
            'VGGFeatureDistance', 'make_perceptual_loss', 'perceptual_distance', 'build_vae_networks',
            'check_discriminator_patch', 'vae_datalists', 'vae_datasets', 'vae_train_loader', 'MeanReconstruction',
-           'dynamic_infer', 'validate_vae', 'SampledAutoencoder', 'VAETrainer', 'reconstruct', 'show_reconstruction',
-           'start_autoencoder_path', 'train_vae', 'train_vae_cli']
+           'dynamic_infer', 'channel_snr', 'validate_vae', 'SampledAutoencoder', 'VAETrainer', 'reconstruct',
+           'show_reconstruction', 'start_autoencoder_path', 'train_vae', 'train_vae_cli']
 
 # %% ../nbs/01_vae_train.ipynb #8a8fa620
 log = logging.getLogger("maisi_nb.vae")
@@ -290,6 +290,10 @@ def _plain(x:torch.Tensor) -> torch.Tensor:
     return convert_to_tensor(x, track_meta=False)
 
 # %% ../nbs/01_vae_train.ipynb #ea672693
+def channel_snr(mu:torch.Tensor, sigma:torch.Tensor) -> torch.Tensor:
+    "(B, C) per volume and latent channel: spread of the posterior means over the volume / mean posterior sigma."
+    return mu.flatten(2).std(2) / sigma.flatten(2).mean(2).clamp_min(1e-12)
+
 @torch.no_grad()
 def validate_vae(autoencoder:nn.Module, loader, # batches of {"image": (B,1,X,Y,Z) in [0,1]}
                  roi_size=(96, 96, 64), # val_sliding_window_patch_size
@@ -297,7 +301,7 @@ def validate_vae(autoencoder:nn.Module, loader, # batches of {"image": (B,1,X,Y,
                  recon_loss:str="l1", kl_weight:float=1e-7, perceptual_weight:float=0.3,
                  device=None, amp:bool=False, seed:int=0, # seed fixes the perceptual slice choice
                 ) -> dict:
-    "Mean recon/KL/perceptual losses, PSNR, SSIM and 1/std(z_mu) over whole validation volumes."
+    "Mean recon/KL/perceptual losses, PSNR, SSIM, 1/std(z_mu) and the weakest latent channel's signal-to-noise over whole validation volumes."
     device, model, g = default_device(device), MeanReconstruction(autoencoder).eval(), make_generator(seed)
     psnr, ssim, rec_fn = PSNRMetric(max_val=1.0), SSIMMetric(spatial_dims=3, data_range=1.0), _recon_fn(recon_loss)
     s = defaultdict(float)
@@ -311,6 +315,7 @@ def validate_vae(autoencoder:nn.Module, loader, # batches of {"image": (B,1,X,Y,
             s["perceptual"] += float(perceptual_distance(perceptual, recon.to(device), x.to(device), g)) * b
         s["psnr"] += float(psnr(rc, x).sum()); s["ssim"] += float(ssim(rc, x).sum())
         s["inv_std_z"] += float((1 / mu.flatten(1).std(1)).sum()); s["n"] += b
+        s["min_channel_snr"] += float(channel_snr(mu, sigma).min(1).values.sum())
     s = all_reduce_sums(s, device); n = s.pop("n")
     if n == 0: raise ValueError("validate_vae: the validation loader is empty")
     out = {k: v / n for k, v in s.items()}
