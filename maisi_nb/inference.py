@@ -644,6 +644,7 @@ def prepare(self:MaisiPipeline, config:dict, seed:int|None=None, scheduler=None,
                          "(resume keeps complete samples, overwrite replaces them)")
     if output_dir is not None: check_output_dir(output_dir, "output_dir", create=False)   # before any work
     src = self.choose_mask_source(mask_source, mask, c["controllable_anatomy_size"])
+    if src != "generated": c["mask_generation_num_inference_steps"] = None   # no mask denoising runs: the sidecar says so
     own = user_mask_grid(mask) if src == "user" else (self.output_size, self.spacing)
     c["output_size"], c["spacing"] = c["output_size"] or own[0], c["spacing"] or own[1]
     try: check_input(c["body_region"], c["anatomy_list"], c["output_size"], c["spacing"], c["controllable_anatomy_size"], self.limits)
