@@ -28,11 +28,13 @@ from maisi_nb.inference import MaisiPipeline, demo_model_dir
 from maisi_nb.labels import BODY_ID, LABELS, MODALITIES
 from maisi_nb.data import load_example_ct
 from maisi_nb.diffusion import encode_latent
+from maisi_nb.vae import channel_snr
 from maisi_nb.networks import decode_latents, to_hu
 from maisi_nb.qc import fid_from_features
 from maisi_nb.utils import atomic_path
 try: from maisi_nb.hu_qc import ORGAN_GROUPS
 except ImportError: from maisi_nb.qc import ORGAN_GROUPS
+from maisi_nb.features import hu_to_unit
 try: from maisi_nb.features import PLANES, extract_features_2p5d, load_feature_network, network_info, plane_slices, preprocess_slices
 except ImportError: from maisi_nb.qc import PLANES, extract_features_2p5d, load_feature_network, network_info, plane_slices, preprocess_slices
 
@@ -156,6 +158,10 @@ def set_scores(gen:list, ref:list, subsets:list) -> dict:
 
 
 # ---------------------------------------------------------------- data
+def unit_image(img:np.ndarray) -> torch.Tensor:
+    "(1,1,X,Y,Z) autoencoder input from HU (`hu_to_unit`)."
+    return torch.as_tensor(hu_to_unit(img), dtype=torch.float32)[None, None]
+
 def phantom_phase(seed:int) -> str:
     "Contrast phase the phantom generator drew for `seed` (make_phantom's contrast=None)."
     from maisi_nb.phantoms import phantom_contrast
@@ -216,8 +222,7 @@ class Run:
     @torch.no_grad()
     def encode(self, img:np.ndarray) -> torch.Tensor:
         "Encoded mean latent (1,4,x,y,z) in diffusion space (times the scale factor)."
-        x = torch.as_tensor((np.clip(img, -1000, 1000) + 1000) / 2000, dtype=torch.float32)[None, None]
-        return encode_latent(self.pipe.autoencoder, x) * float(self.pipe.scale_factor)
+        return encode_latent(self.pipe.autoencoder, unit_image(img)) * float(self.pipe.scale_factor)
 
     @torch.no_grad()
     def decode(self, z:torch.Tensor, lab:np.ndarray=None) -> np.ndarray:
@@ -291,11 +296,9 @@ class Run:
 
     @torch.no_grad()
     def posterior_snr(self) -> list:
-        "Per latent channel: spread of the encoder's means over the held-out phantoms / its mean posterior sigma (near 1 or below: the channel carries little beyond the prior's noise)."
-        mus, sigmas = zip(*[self.pipe.autoencoder.encode(torch.as_tensor((np.clip(m[3], -1000, 1000) + 1000) / 2000,
-                                                                        dtype=torch.float32)[None, None]) for m in self.masks])
-        mu, sg = torch.cat([m.flatten(2) for m in mus], 2), torch.cat([s.flatten(2) for s in sigmas], 2)
-        return [float(mu[0, c].std() / sg[0, c].mean()) for c in range(mu.shape[1])]
+        "`channel_snr` pooled over the held-out phantoms (near 1 or below: the channel carries little beyond the prior's noise)."
+        mus, sigmas = zip(*[self.pipe.autoencoder.encode(unit_image(m[3])) for m in self.masks])
+        return channel_snr(torch.cat([m.flatten(2) for m in mus], 2), torch.cat([s.flatten(2) for s in sigmas], 2))[0].tolist()
 
 
 def summarise(per:list) -> dict:

@@ -120,15 +120,15 @@ def _run_cli(fn, argv:list, stage:str):
     except SystemExit as e: code = e.code
     if isinstance(code, int) and code != 0 or isinstance(code, str): raise RuntimeError(f"{stage}: {fn.__name__} exited with {code!r}")
 
-def _continue(w:Path, run:str) -> str:
-    "--resume when a killed earlier attempt left this stage's training state, else --overwrite (a fresh start)."
-    return "--resume" if (w / "models" / f"{run}_train_state.pt").is_file() else "--overwrite"
+def _continue(model_dir:Path, run:str) -> str:
+    "--resume when a killed earlier attempt left this run's training state in `model_dir`, else --overwrite (a fresh start)."
+    return "--resume" if (model_dir / f"{run}_train_state.pt").is_file() else "--overwrite"
 
 FINETUNE_DIR = "models/finetune"   # the fine-tuned autoencoder's run (its own checkpoints and training state)
 
 def _vae_run(w:Path, r:dict, device:str, model_dir:Path, train:dict, name:str, start:Path=None):
     "One `maisi_train_vae` run into `model_dir`; `start`: fine-tune these weights (a fresh run), else from scratch."
-    resume = (model_dir / "autoencoder_train_state.pt").is_file()   # a killed earlier attempt: continue it
+    flag = _continue(model_dir, "autoencoder"); resume = flag == "--resume"
     env = save_json({"model_dir": str(model_dir), "tfevent_path": str(w / "logs" / name),
                      "json_data_list": str(w / "vae_datalist.json"), "data_base_dir": str(w),
                      "network": str(w / "configs" / "network.json"),
@@ -138,7 +138,7 @@ def _vae_run(w:Path, r:dict, device:str, model_dir:Path, train:dict, name:str, s
                      "autoencoder_train": {**train, "seed": r["seed"], "val_patch_size": None,
                                            "val_sliding_window_patch_size": r["output_size"]}},
                     w / "configs" / f"config_{name}_train.json", overwrite=True)
-    _run_cli(train_vae_cli, ["-c", cfg, "-e", env, "--device", device, "--resume" if resume else "--overwrite"], name)
+    _run_cli(train_vae_cli, ["-c", cfg, "-e", env, "--device", device, flag], name)
 
 def _vae_stage(w:Path, r:dict, device:str):
     _vae_run(w, r, device, w / "models", r["vae"], "vae")
@@ -176,7 +176,7 @@ def _latent_stage(w:Path, r:dict, device:str):
 def _diffusion_stage(w:Path, r:dict, device:str):
     mc = save_json({"diffusion_unet_train": r["diffusion"]}, w / "configs" / "config_diff_model.json", overwrite=True)
     _run_cli(train_diffusion_cli, ["--env_config", _diffusion_env(w), "--model_config", mc, "--model_def",
-                                   w / "configs" / "network.json", "--seed", r["seed"], "--device", device, _continue(w, "diff_unet_demo")], "diffusion")
+                                   w / "configs" / "network.json", "--seed", r["seed"], "--device", device, _continue(w / "models", "diff_unet_demo")], "diffusion")
 
 def _controlnet_stage(w:Path, r:dict, device:str):
     dl = make_controlnet_datalist(w / "datalist.json", w, w / "embeddings", w / "controlnet_datalist.json", overwrite=True)
@@ -185,7 +185,7 @@ def _controlnet_stage(w:Path, r:dict, device:str):
                      "data_base_dir": str(w), "json_data_list": str(dl)}, w / "configs" / "environment_controlnet.json", overwrite=True)
     tc = save_json({"controlnet_train": {**r["controlnet"], "fold": 0}}, w / "configs" / "config_controlnet_train.json", overwrite=True)
     _run_cli(train_controlnet_cli, ["-e", env, "-c", w / "configs" / "network.json", "-t", tc, "--seed", r["seed"],
-                                    "--device", device, _continue(w, "controlnet_demo")], "controlnet")
+                                    "--device", device, _continue(w / "models", "controlnet_demo")], "controlnet")
 
 STAGES = {"autoencoder": (_vae_stage, "models/autoencoder.pt"), "autoencoder_finetune": (_vae_finetune_stage, f"{FINETUNE_DIR}/autoencoder.pt"),
           "latents": (_latent_stage, "embeddings/dataset_emb.json"),
@@ -348,7 +348,8 @@ def model_card(info:dict) -> str:
         + ", ".join(f"{k} {_fmt_s(v)}" for k, v in ts.items()) + f"; total {_fmt_s(sum(ts.values()))}.", "",
         "| stage | settings |", "|---|---|",
         f"| autoencoder | {json.dumps(r['vae'])} |",
-        *([f"| autoencoder, fine-tuned from it | {json.dumps(r['vae_finetune'])} |"] if r.get("vae_finetune") else []), f"| diffusion UNet | {json.dumps(r['diffusion'])} |",
+        *([f"| autoencoder, fine-tuned from it | {json.dumps(r['vae_finetune'])} |"] if r.get("vae_finetune") else []),
+        f"| diffusion UNet | {json.dumps(r['diffusion'])} |",
         f"| ControlNet | {json.dumps(r['controlnet'])} |", ""]
     m = info.get("metrics")
     if m:
