@@ -4,7 +4,7 @@
 
 # %% ../nbs/03a_mask_generator.ipynb #0e9ac75b
 from __future__ import annotations
-import json, time
+import copy, json, time
 from pathlib import Path
 import numpy as np
 import torch
@@ -18,17 +18,18 @@ from .phantoms import make_phantom, TUMOR_RADIUS, parse_region_choices, _REGION_
 from .masks import build_mask_db, check_controllable_anatomy_size, prepare_size_condition, target_tumor_label, post_process_generated_mask
 from .training import (Trainer, RunFiles, prepare_run, setup_distributed, ddp, epoch_generator, amp_enabled, amp_step,
                        plot_history, save_plot)
+from .vae import MeanReconstruction
 
 # %% auto #0
 __all__ = ['SIZE_CONDITION_IDS', 'N_COMPACT', 'MAISI_TO_COMPACT', 'SIZE_CONDITIONS_FILE', 'DEMO_MASK_ORGANS', 'MASK_VAE_DEFAULTS',
-           'MASK_DIFFUSION_DEFAULTS', 'MASK_GENERATOR_CONFIG', 'DEMO_MASK_RECIPE', 'maisi_to_compact',
-           'anatomy_volumes', 'volume_percentile', 'size_percentiles', 'size_condition_records', 'read_size_conditions',
-           'mask_datalist', 'load_mask_set', 'phantom_size_request', 'make_mask_phantoms', 'mask_vae_loss',
-           'load_mask_config', 'mask_networks', 'train_mask_vae', 'encode_masks', 'train_mask_diffusion',
-           'train_mask_vae_cli', 'train_mask_diffusion_cli', 'sample_masks', 'demo_mask_generator_dir',
-           'load_mask_generator', 'attach_mask_generator', 'mask_generator_data', 'generated_masks',
-           'size_sweep_figure', 'save_size_sweep', 'build_demo_mask_database', 'train_demo_mask_generator',
-           'train_demo_masks_cli']
+           'MASK_DIFFUSION_DEFAULTS', 'MASK_GENERATOR_CONFIG', 'DEMO_MASK_NETWORK', 'DEMO_MASK_RECIPE',
+           'maisi_to_compact', 'anatomy_volumes', 'volume_percentile', 'size_percentiles', 'size_condition_records',
+           'read_size_conditions', 'mask_datalist', 'load_mask_set', 'phantom_size_request', 'make_mask_phantoms',
+           'mask_vae_loss', 'load_mask_config', 'mask_networks', 'train_mask_vae', 'encode_masks',
+           'train_mask_diffusion', 'train_mask_vae_cli', 'train_mask_diffusion_cli', 'sample_masks',
+           'demo_mask_generator_dir', 'load_mask_generator', 'attach_mask_generator', 'mask_generator_data',
+           'generated_masks', 'size_sweep_figure', 'save_size_sweep', 'build_demo_mask_database',
+           'train_demo_mask_generator', 'train_demo_masks_cli']
 
 # %% ../nbs/03a_mask_generator.ipynb #e08fa563
 SIZE_CONDITION_IDS = tuple(label_id(n) for n in CONTROLLABLE_ANATOMIES)  # condition slot -> MAISI id
@@ -199,14 +200,14 @@ def mask_vae_loss(logits:torch.Tensor, # (B,125,X,Y,Z) decoder output
 _ENV = {"datalist": None, "data_dir": None, "model_dir": "./models", "network_config": "tiny-ddpm"}
 MASK_VAE_DEFAULTS = {"environment": dict(_ENV),
                      "training": {"batch_size": 2, "patch_size": None, "lr": 1e-3, "n_epochs": 20, "steps_per_epoch": None, "ce_weight": 1.0,
-                                  "dice_weight": 1.0, "kl_weight": 1e-6, "amp": True}}
+                                  "dice_weight": 1.0, "kl_weight": 1e-6, "sample_posterior": True, "amp": True}}
 MASK_DIFFUSION_DEFAULTS = {"environment": _ENV | {"trained_mask_autoencoder_path": None},
                            "training": {"batch_size": 8, "lr": 1e-3, "n_epochs": 100, "steps_per_epoch": None, "amp": True}}
 _PATH = TEXT | NONE
 _RULES = {"datalist": _PATH, "data_dir": _PATH, "model_dir": TEXT, "network_config": TEXT | NONE,
           "trained_mask_autoencoder_path": _PATH, "patch_size": vector(3, 4, integer=True, multiple_of=4) | NONE, "batch_size": number(1, integer=True), "lr": number(0, lo_open=True),
           "n_epochs": number(1, integer=True), "steps_per_epoch": number(1, integer=True) | NONE,
-          "ce_weight": number(0), "dice_weight": number(0), "kl_weight": number(0), "amp": BOOL}
+          "ce_weight": number(0), "dice_weight": number(0), "kl_weight": number(0), "sample_posterior": BOOL, "amp": BOOL}
 
 def load_mask_config(kind:str, # "vae" or "diffusion"
                      config=None, # JSON/YAML file or dict with "environment"/"training" sections
@@ -260,7 +261,7 @@ def train_mask_vae(config=None, # training config (file or dict), see MASK_VAE_D
     ae.train()
     for m in ae.modules():
         if hasattr(m, "use_checkpointing"): m.use_checkpointing = False  # no recomputation while training small nets
-    model = ddp(ae, device, ws)
+    model = ddp(ae if tr["sample_posterior"] else MeanReconstruction(ae), device, ws)  # False: decode the posterior mean
     opt = torch.optim.Adam(model.parameters(), lr=tr["lr"])
     scaler, amp = torch.amp.GradScaler(enabled=amp_enabled(tr["amp"], device)), amp_enabled(tr["amp"], device)
     lab_t, bs = torch.from_numpy(labs), tr["batch_size"]
@@ -505,12 +506,22 @@ def save_size_sweep(directory=None, # mask-generator folder (None: the bundled d
     return save_plot(fig, d / "size_sweep.png")
 
 # %% ../nbs/03a_mask_generator.ipynb #0939cba2
+def _demo_mask_network() -> dict:
+    "The tiny preset's mask-generation networks with a wider mask autoencoder (16/32/64 channels, no recomputation)."
+    cfg = load_network_config("tiny-ddpm")
+    keep = ("spatial_dims", "latent_channels", "mask_generation_latent_shape", "mask_generation_autoencoder_def",
+            "mask_generation_diffusion_def", "mask_generation_noise_scheduler")
+    cfg = {k: copy.deepcopy(cfg[k]) for k in keep}
+    cfg["mask_generation_autoencoder_def"].update(num_channels=[16, 32, 64], norm_num_groups=8, use_checkpointing=False)
+    return cfg
+
+DEMO_MASK_NETWORK = _demo_mask_network()
 DEMO_MASK_RECIPE = {
-    "seed": 0, "network_config": "tiny-ddpm",  # the demo model's mask-generation networks
+    "seed": 0, "network_config": DEMO_MASK_NETWORK,  # the demo model's mask-generation networks
     "phantoms": {"n": 160, "output_size": [32, 32, 32], "spacing": [12.0, 12.0, 12.0]},
-    "vae": {"batch_size": 2, "patch_size": [16, 16, 16], "lr": 4e-3, "n_epochs": 36, "steps_per_epoch": 25,
-            "ce_weight": 1.0, "dice_weight": 1.0, "kl_weight": 1e-6},
-    "diffusion": {"batch_size": 8, "lr": 2e-3, "n_epochs": 24, "steps_per_epoch": 25},
+    "vae": {"batch_size": 2, "patch_size": None, "lr": 2e-3, "n_epochs": 64, "steps_per_epoch": 25,
+            "ce_weight": 1.0, "dice_weight": 1.0, "kl_weight": 1e-7, "sample_posterior": False},
+    "diffusion": {"batch_size": 16, "lr": 1e-3, "n_epochs": 300, "steps_per_epoch": 40},
     "database": {"output_size": [64, 64, 64], "spacing": [6.0, 6.0, 6.0], "seeds_per_region": 3,
                  "regions": ["head", "chest", "abdomen", "lower", "head,chest", "chest,abdomen", "abdomen,lower"]},
 }

@@ -98,3 +98,27 @@ def test_bundled_generator_and_database():
         a = sample_masks(nets, [[0.5] * 5 + [-1] * 5], [3], num_inference_steps=5, progress_bar=False)
         b = sample_masks(nets, [[0.5] * 5 + [-1] * 5], [3], num_inference_steps=5, progress_bar=False)
     assert a.shape == (1, 32, 32, 32) and np.array_equal(a, b)
+
+def test_vae_sample_posterior_false_trains_on_the_mean(tmp_path, capsys):
+    # one mask, one step, a negligible learning rate: the recorded cross-entropy is the initial network's on that mask
+    from maisi_nb.mask_generator import load_mask_set, mask_datalist, mask_networks, mask_vae_loss
+    from maisi_nb.labels import labels_to_bits
+    dl = make_mask_phantoms(tmp_path / "data", 1, seed=2)
+    ce = {}
+    for flag in ("false", "true"):
+        assert train_mask_vae_cli(["--datalist", str(dl), "--network_config", "tiny-ddpm", "--device", "cpu", "-s", "0",
+                                   "--model_dir", str(tmp_path / flag), "--set", "n_epochs=1", "steps_per_epoch=1",
+                                   "batch_size=1", "lr=1e-12", f"sample_posterior={flag}"]) == 0
+        rec = json.loads((tmp_path / flag / "mask_generation_autoencoder_metrics.jsonl").read_text().splitlines()[-1])
+        ce[flag] = rec["train_ce"]
+    labs, _, _ = load_mask_set(mask_datalist(dl, None))
+    ae = mask_networks("tiny-ddpm", "cpu", 0, which=("mask_generation_autoencoder",)).mask_generation_autoencoder
+    x = torch.as_tensor(labs).long().unsqueeze(1)
+    with torch.no_grad():
+        mu, sigma = ae.encode(labels_to_bits(x))
+        expected = float(mask_vae_loss(ae.decode(mu), maisi_to_compact(x[:, 0]), mu, sigma)["ce"])
+    assert ce["false"] == pytest.approx(expected, rel=1e-4)
+    assert ce["true"] != pytest.approx(expected, rel=1e-4)   # a posterior sample gives another reconstruction
+    with pytest.raises(SystemExit):
+        train_mask_vae_cli(["--datalist", str(dl), "--model_dir", str(tmp_path / "x"), "--set", "sample_posterior=sometimes"])
+    assert "sample_posterior" in capsys.readouterr().err
