@@ -19,6 +19,7 @@ from .features import reconstruction_metrics
 from .utils import atomic_path, progress, save_json
 from .masks import build_mask_db
 from .labels import modality_id
+from .training import RunFiles
 from .config import read_config, command_parser, cli_command
 
 # %% auto #0
@@ -120,15 +121,11 @@ def _run_cli(fn, argv:list, stage:str):
     except SystemExit as e: code = e.code
     if isinstance(code, int) and code != 0 or isinstance(code, str): raise RuntimeError(f"{stage}: {fn.__name__} exited with {code!r}")
 
-def _continue(model_dir:Path, run:str) -> str:
-    "--resume when a killed earlier attempt left this run's training state in `model_dir`, else --overwrite (a fresh start)."
-    return "--resume" if (model_dir / f"{run}_train_state.pt").is_file() else "--overwrite"
-
 FINETUNE_DIR = "models/finetune"   # the fine-tuned autoencoder's run (its own checkpoints and training state)
 
 def _vae_run(w:Path, r:dict, device:str, model_dir:Path, train:dict, name:str, start:Path=None):
     "One `maisi_train_vae` run into `model_dir`; `start`: fine-tune these weights (a fresh run), else from scratch."
-    flag = _continue(model_dir, "autoencoder"); resume = flag == "--resume"
+    flag = RunFiles(model_dir, "autoencoder").resume_flag; resume = flag == "--resume"
     env = save_json({"model_dir": str(model_dir), "tfevent_path": str(w / "logs" / name),
                      "json_data_list": str(w / "vae_datalist.json"), "data_base_dir": str(w),
                      "network": str(w / "configs" / "network.json"),
@@ -176,7 +173,7 @@ def _latent_stage(w:Path, r:dict, device:str):
 def _diffusion_stage(w:Path, r:dict, device:str):
     mc = save_json({"diffusion_unet_train": r["diffusion"]}, w / "configs" / "config_diff_model.json", overwrite=True)
     _run_cli(train_diffusion_cli, ["--env_config", _diffusion_env(w), "--model_config", mc, "--model_def",
-                                   w / "configs" / "network.json", "--seed", r["seed"], "--device", device, _continue(w / "models", "diff_unet_demo")], "diffusion")
+                                   w / "configs" / "network.json", "--seed", r["seed"], "--device", device, RunFiles(w / "models", "diff_unet_demo").resume_flag], "diffusion")
 
 def _controlnet_stage(w:Path, r:dict, device:str):
     dl = make_controlnet_datalist(w / "datalist.json", w, w / "embeddings", w / "controlnet_datalist.json", overwrite=True)
@@ -185,7 +182,7 @@ def _controlnet_stage(w:Path, r:dict, device:str):
                      "data_base_dir": str(w), "json_data_list": str(dl)}, w / "configs" / "environment_controlnet.json", overwrite=True)
     tc = save_json({"controlnet_train": {**r["controlnet"], "fold": 0}}, w / "configs" / "config_controlnet_train.json", overwrite=True)
     _run_cli(train_controlnet_cli, ["-e", env, "-c", w / "configs" / "network.json", "-t", tc, "--seed", r["seed"],
-                                    "--device", device, _continue(w / "models", "controlnet_demo")], "controlnet")
+                                    "--device", device, RunFiles(w / "models", "controlnet_demo").resume_flag], "controlnet")
 
 STAGES = {"autoencoder": (_vae_stage, "models/autoencoder.pt"), "autoencoder_finetune": (_vae_finetune_stage, f"{FINETUNE_DIR}/autoencoder.pt"),
           "latents": (_latent_stage, "embeddings/dataset_emb.json"),

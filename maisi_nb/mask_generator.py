@@ -506,12 +506,13 @@ def save_size_sweep(directory=None, # mask-generator folder (None: the bundled d
     return save_plot(fig, d / "size_sweep.png")
 
 # %% ../nbs/03a_mask_generator.ipynb #0939cba2
+_MASK_NETWORK_KEYS = ("spatial_dims", "latent_channels", "mask_generation_latent_shape", "mask_generation_autoencoder_def",
+                      "mask_generation_diffusion_def", "mask_generation_noise_scheduler")  # what a mask-generator bundle's config holds
+
 def _demo_mask_network() -> dict:
     "The tiny preset's mask-generation networks with a wider mask autoencoder (16/32/64 channels, no recomputation)."
     cfg = load_network_config("tiny-ddpm")
-    keep = ("spatial_dims", "latent_channels", "mask_generation_latent_shape", "mask_generation_autoencoder_def",
-            "mask_generation_diffusion_def", "mask_generation_noise_scheduler")
-    cfg = {k: copy.deepcopy(cfg[k]) for k in keep}
+    cfg = {k: copy.deepcopy(cfg[k]) for k in _MASK_NETWORK_KEYS}
     cfg["mask_generation_autoencoder_def"].update(num_channels=[16, 32, 64], norm_num_groups=8, use_checkpointing=False)
     return cfg
 
@@ -527,10 +528,6 @@ DEMO_MASK_RECIPE = {
 }
 
 def _sets(d:dict) -> list: return [f"{k}={json.dumps(v)}" for k, v in d.items()]
-
-def _stage_flag(w:Path, name:str) -> list:
-    "--resume when a killed earlier attempt left this stage's training state, else --overwrite (a fresh start)."
-    return ["--resume"] if (w / "models" / f"{name}_train_state.pt").is_file() else ["--overwrite"]
 
 def _half(path_in:Path, path_out:Path):
     "Copy a checkpoint with its floating-point weights stored as float16 (the scale factor stays float32)."
@@ -572,15 +569,13 @@ def train_demo_mask_generator(out_dir, # the bundle folder (e.g. maisi_nb/demo_m
                              ("mask_generation_diffusion_unet", train_mask_diffusion_cli, "diffusion")):
         t, done = time.time(), w / f"{name}.done"
         if not (resume and done.is_file()):
-            cli(common + _stage_flag(w, name) + ["--set", *_sets(recipe[stage])])
+            cli(common + [RunFiles(w / "models", name).resume_flag] + ["--set", *_sets(recipe[stage])])
             done.write_text("ok\n")
         timings[f"{stage}_s"] = time.time() - t
     for role, rel in _MASK_MODELS.items(): _half(w / rel, out / rel)
     cfg = load_network_config(net)
-    keep = ("spatial_dims", "latent_channels", "mask_generation_latent_shape", "mask_generation_autoencoder_def",
-            "mask_generation_diffusion_def", "mask_generation_noise_scheduler")
     sf = float(torch.load(out / _MASK_MODELS["mask_generation_diffusion"], weights_only=True)["scale_factor"])
-    save_json({k: cfg[k] for k in keep} | {"mask_generation_scale_factor": sf}, out / MASK_GENERATOR_CONFIG, overwrite=True)
+    save_json({k: cfg[k] for k in _MASK_NETWORK_KEYS} | {"mask_generation_scale_factor": sf}, out / MASK_GENERATOR_CONFIG, overwrite=True)
     (out / "datasets").mkdir(parents=True, exist_ok=True)
     sc = json.loads((w / "models" / SIZE_CONDITIONS_FILE).read_text())
     save_json(sc, out / "datasets" / SIZE_CONDITIONS_FILE, overwrite=True)

@@ -85,6 +85,10 @@ class RunFiles:
     def metrics(self) -> Path: return self.model_dir / f"{self.name}_metrics.jsonl"
     @property
     def loss_plot(self) -> Path: return self.model_dir / f"{self.name}_loss.png"
+    @property
+    def resume_flag(self) -> str:
+        "The training command's flag for a staged recipe: `--resume` when a killed attempt left this run's state, else `--overwrite`."
+        return "--resume" if self.state.is_file() else "--overwrite"
     def temp_files(self) -> list:
         "Temporary files left in model_dir by an interrupted write."
         return sorted(p for p in self.model_dir.glob(".*") if p.is_file() and is_temp_file(p)) if self.model_dir.is_dir() else []
