@@ -520,7 +520,7 @@ DEMO_MASK_NETWORK = _demo_mask_network()
 DEMO_MASK_RECIPE = {
     "seed": 0, "network_config": DEMO_MASK_NETWORK,  # the demo model's mask-generation networks
     "phantoms": {"n": 160, "output_size": [32, 32, 32], "spacing": [12.0, 12.0, 12.0]},
-    "vae": {"batch_size": 2, "patch_size": None, "lr": 2e-3, "n_epochs": 64, "steps_per_epoch": 25,
+    "vae": {"batch_size": 2, "patch_size": None, "lr": 2e-3, "n_epochs": 128, "steps_per_epoch": 25,
             "ce_weight": 1.0, "dice_weight": 1.0, "kl_weight": 1e-7, "sample_posterior": False},
     "diffusion": {"batch_size": 16, "lr": 1e-3, "n_epochs": 300, "steps_per_epoch": 40},
     "database": {"output_size": [64, 64, 64], "spacing": [6.0, 6.0, 6.0], "seeds_per_region": 3,
