@@ -36,10 +36,10 @@ def _spearman(req, got) -> float:
     if np.ptp(got) == 0 or np.ptp(req) == 0: return float("nan")
     return float(stats.spearmanr(req, got).statistic)
 
-def autoencoder_table(nets, n:int=40, seed:int=777) -> list:
-    "Markdown rows: the mask autoencoder's round trip on n held-out phantom masks (the demo's mask recipe, another seed)."
+def autoencoder_table(nets, grid, spacing, n:int=40, seed:int=777) -> list:
+    "Markdown rows: the mask autoencoder's round trip on n held-out phantom masks (its training grid, another seed)."
     with tempfile.TemporaryDirectory() as tmp:
-        labs, _, _ = load_mask_set(mask_datalist(make_mask_phantoms(tmp, n, seed=seed), None))
+        labs, _, _ = load_mask_set(mask_datalist(make_mask_phantoms(tmp, n, grid, spacing, seed=seed), None))
     ae = nets.mask_generation_autoencoder.float().eval()
     z = encode_masks(ae, labs)
     with torch.no_grad(): rec = compact_to_maisi(np.concatenate([ae.decode(z[i:i + 4]).argmax(1).numpy() for i in range(0, n, 4)]))
@@ -112,7 +112,7 @@ def main(argv=None):
     print(f"{len(jobs)} generated masks ({a.seeds} seeds x {len(a.levels)} levels x 10 slots), {a.steps} DDPM steps, "
           f"sampling {t_sample:.0f} s on {a.device} ({torch.get_num_threads()} threads)\n")
     print("\n".join(out))
-    print("\n" + "\n".join(autoencoder_table(nets)))
+    print("\n" + "\n".join(autoencoder_table(nets, grid, sp)))
     if a.json: Path(a.json).write_text(json.dumps(rows, indent=1))
 
 if __name__ == "__main__": main()
