@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from scipy import ndimage, stats
 from maisi_nb.labels import CONTROLLABLE_ANATOMIES, compact_to_maisi, label_name
-from maisi_nb.masks import find_masks, post_process_generated_mask, prepare_size_condition, target_tumor_label
+from maisi_nb.masks import find_masks, mask_generator_spacing, post_process_generated_mask, prepare_size_condition, target_tumor_label
 from maisi_nb.phantoms import make_phantom
 from maisi_nb.utils import load_nifti, spacing_from_affine
 from maisi_nb.mask_generator import (SIZE_CONDITION_IDS, demo_mask_generator_dir, encode_masks, load_mask_generator, load_mask_set,
@@ -71,6 +71,7 @@ def main(argv=None):
     ref = np.array([r["organ_volume_ml"] for r in recs])
     vox = float(np.prod(sp)) / 1000
     nets = load_mask_generator(d, a.device)
+    gsp = mask_generator_spacing(nets.config["mask_generation_latent_shape"])  # post-processing on the generator's grid
     jobs = [(j, lv, s) for j in range(10) for lv in a.levels for s in range(a.seeds)]
     conds = [prepare_size_condition([[CONTROLLABLE_ANATOMIES[j], lv]], recs) for j, lv, s in jobs]
     t0 = time.time()
@@ -79,7 +80,7 @@ def main(argv=None):
     rows = []
     for (j, lv, s), c, cond in zip(jobs, compact, conds):
         lab, raw = SIZE_CONDITION_IDS[j], compact_to_maisi(c)
-        post = post_process_generated_mask(raw, target_tumor_label(cond))
+        post = post_process_generated_mask(raw, target_tumor_label(cond), spacing=gsp)
         v_raw, v_post = float((raw == lab).sum() * vox), float((post == lab).sum() * vox)
         pieces = ndimage.label(raw == lab, structure=np.ones((3, 3, 3)))[1]
         changed = float((raw != post).mean())

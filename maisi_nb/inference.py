@@ -23,7 +23,7 @@ from .networks import (PRESETS, MaisiNetworks, build_networks, load_pretrained, 
 from .sampling import (make_scheduler, is_rflow, sample_latents, set_inference_timesteps, batch_randn, ddpm_step,
                                check_guidance_scale, default_guidance_scale, generate_image_only)
 from .masks import (to_anatomy_ids, check_controllable_anatomy_size, prepare_size_condition, target_tumor_label,
-                            generated_mask_to_sample, find_masks, find_closest_masks, select_masks, read_mask_record,
+                            generated_mask_to_sample, mask_generator_spacing, find_masks, find_closest_masks, select_masks, read_mask_record,
                             augment_mask, prepare_user_mask, mask_sample, body_region_vectors, load_mask_database,
                             AnatomyLostError, read_user_mask)
 from .hu_qc import quality_check, QCResult, ORGAN_GROUPS, NONFINITE
@@ -343,7 +343,7 @@ class MaisiPipeline:
         self.size_conditions = json.loads(Path(size_conditions).read_text()) if isinstance(size_conditions, (str, Path)) else size_conditions
         self.qc_statistics = json.loads(Path(qc_statistics).read_text()) if isinstance(qc_statistics, (str, Path)) else qc_statistics
         lat = networks.config.get("mask_generation_latent_shape", [4, 64, 64, 64])
-        self.mask_generation_spacing = float(mask_generation_spacing or 384.0 / (4 * lat[1]))
+        self.mask_generation_spacing = float(mask_generation_spacing or mask_generator_spacing(lat))
         self.fast = {**FAST_DEFAULTS, **(fast or {})}
         self.default_modality = modality_id(default_modality, "default_modality")
         if default_mask_source not in (None, "database", "phantom"):

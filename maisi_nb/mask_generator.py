@@ -15,7 +15,7 @@ from .labels import COMPACT_TO_MAISI, CONTROLLABLE_ANATOMIES, BODY_ID, label_id,
 from .networks import build_networks, load_network_config, save_checkpoint, load_checkpoint, MaisiNetworks
 from .sampling import set_inference_timesteps, ddpm_step, batch_randn
 from .phantoms import make_phantom, TUMOR_RADIUS, parse_region_choices, _REGION_TUMORS
-from .masks import build_mask_db, check_controllable_anatomy_size, prepare_size_condition, target_tumor_label, post_process_generated_mask
+from .masks import build_mask_db, check_controllable_anatomy_size, prepare_size_condition, target_tumor_label, post_process_generated_mask, mask_generator_spacing
 from .training import (Trainer, RunFiles, prepare_run, setup_distributed, ddp, epoch_generator, amp_enabled, amp_step,
                        plot_history, save_plot)
 from .vae import MeanReconstruction
@@ -175,10 +175,14 @@ def make_mask_phantoms(out_dir, # folder for labelsTr/ and datalist.json
     return save_json({"training": recs}, dl, overwrite=overwrite)
 
 # %% ../nbs/03a_mask_generator.ipynb #cfe83c2b
-def _dice_loss(logits:torch.Tensor, target:torch.Tensor, eps:float=1e-5) -> torch.Tensor:
-    "1 - soft Dice, averaged over the classes present in the target batch."
+_SIZE_COMPACT = maisi_to_compact(np.array(SIZE_CONDITION_IDS)).tolist()  # compact classes of the ten condition slots
+
+def _dice_loss(logits:torch.Tensor, target:torch.Tensor, eps:float=1e-5, classes=None) -> torch.Tensor:
+    "1 - soft Dice, averaged over the classes present in the target batch (and in `classes` when given)."
     p = logits.float().softmax(1)
     present = torch.unique(target).long()
+    if classes is not None: present = present[torch.isin(present, torch.as_tensor(classes, device=present.device))]
+    if present.numel() == 0: return p.sum() * 0
     t = (target.unsqueeze(1) == present.view(1, -1, 1, 1, 1)).float()
     p = p.index_select(1, present)
     dims = (0, 2, 3, 4)
@@ -188,26 +192,32 @@ def _dice_loss(logits:torch.Tensor, target:torch.Tensor, eps:float=1e-5) -> torc
 def mask_vae_loss(logits:torch.Tensor, # (B,125,X,Y,Z) decoder output
                   target:torch.Tensor, # (B,X,Y,Z) compact class indices
                   z_mu:torch.Tensor, z_sigma:torch.Tensor, # the encoder's posterior
-                  ce_weight:float=1.0, dice_weight:float=1.0, kl_weight:float=1e-6) -> dict:
-    "Cross-entropy + soft Dice + KL of the mask autoencoder (MAISI's KL term)."
+                  ce_weight:float=1.0, dice_weight:float=1.0, kl_weight:float=1e-6,
+                  anatomy_dice_weight:float=0.0, # extra soft Dice over the ten size-controlled anatomies only
+                 ) -> dict:
+    "Cross-entropy + soft Dice + KL of the mask autoencoder (MAISI's KL term), optionally + Dice of the controlled anatomies."
     ce = F.cross_entropy(logits.float(), target.long())
     dice = _dice_loss(logits, target)
     kl = 0.5 * torch.sum(z_mu.float() ** 2 + z_sigma.float() ** 2 - torch.log(z_sigma.float() ** 2 + 1e-12) - 1,
                          dim=list(range(1, z_mu.ndim))).mean()
-    return {"loss": ce_weight * ce + dice_weight * dice + kl_weight * kl, "ce": ce, "dice": dice, "kl": kl}
+    out = {"loss": ce_weight * ce + dice_weight * dice + kl_weight * kl, "ce": ce, "dice": dice, "kl": kl}
+    if anatomy_dice_weight:
+        out["anatomy_dice"] = _dice_loss(logits, target, classes=_SIZE_COMPACT)
+        out["loss"] = out["loss"] + anatomy_dice_weight * out["anatomy_dice"]
+    return out
 
 # %% ../nbs/03a_mask_generator.ipynb #82e544b9
 _ENV = {"datalist": None, "data_dir": None, "model_dir": "./models", "network_config": "tiny-ddpm"}
 MASK_VAE_DEFAULTS = {"environment": dict(_ENV),
                      "training": {"batch_size": 2, "patch_size": None, "lr": 1e-3, "n_epochs": 20, "steps_per_epoch": None, "ce_weight": 1.0,
-                                  "dice_weight": 1.0, "kl_weight": 1e-6, "sample_posterior": True, "amp": True}}
+                                  "dice_weight": 1.0, "kl_weight": 1e-6, "anatomy_dice_weight": 0.0, "sample_posterior": True, "amp": True}}
 MASK_DIFFUSION_DEFAULTS = {"environment": _ENV | {"trained_mask_autoencoder_path": None},
                            "training": {"batch_size": 8, "lr": 1e-3, "n_epochs": 100, "steps_per_epoch": None, "amp": True}}
 _PATH = TEXT | NONE
 _RULES = {"datalist": _PATH, "data_dir": _PATH, "model_dir": TEXT, "network_config": TEXT | NONE,
           "trained_mask_autoencoder_path": _PATH, "patch_size": vector(3, 4, integer=True, multiple_of=4) | NONE, "batch_size": number(1, integer=True), "lr": number(0, lo_open=True),
           "n_epochs": number(1, integer=True), "steps_per_epoch": number(1, integer=True) | NONE,
-          "ce_weight": number(0), "dice_weight": number(0), "kl_weight": number(0), "sample_posterior": BOOL, "amp": BOOL}
+          "ce_weight": number(0), "dice_weight": number(0), "kl_weight": number(0), "anatomy_dice_weight": number(0), "sample_posterior": BOOL, "amp": BOOL}
 
 def load_mask_config(kind:str, # "vae" or "diffusion"
                      config=None, # JSON/YAML file or dict with "environment"/"training" sections
@@ -287,7 +297,8 @@ def train_mask_vae(config=None, # training config (file or dict), see MASK_VAE_D
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, enabled=amp):
             logits, mu, sigma = model(labels_to_bits(x))
-        parts = mask_vae_loss(logits, maisi_to_compact(x[:, 0]), mu, sigma, tr["ce_weight"], tr["dice_weight"], tr["kl_weight"])
+        parts = mask_vae_loss(logits, maisi_to_compact(x[:, 0]), mu, sigma, tr["ce_weight"], tr["dice_weight"], tr["kl_weight"],
+                              tr["anatomy_dice_weight"])
         amp_step(parts["loss"], opt, scaler)
         return {k: float(v.detach()) for k, v in parts.items()}
 
@@ -469,11 +480,12 @@ def mask_generator_data(directory=None) -> dict:
 def generated_masks(nets:MaisiNetworks, controllable_anatomy_size, # [[name, percentile], ...]
                     seeds, size_conditions=None, # size database records (None: 0.5 for the five organs, no tumour)
                     num_inference_steps:int=1000, device=None, progress_bar:bool=True) -> tuple:
-    "(raw, post-processed) MAISI label volumes (K,X,Y,Z) for one request and K seeds."
+    "(raw, post-processed) MAISI label volumes (K,X,Y,Z) for one request and K seeds (post-processed on the generator's grid)."
     cond = prepare_size_condition(controllable_anatomy_size, size_conditions or [{"organ_size": [0.5] * 5 + [-1.0] * 5}])
     compact = sample_masks(nets, [cond] * len(seeds), seeds, num_inference_steps, device=device, progress_bar=progress_bar)
     raw = compact_to_maisi(compact)
-    return raw, np.stack([post_process_generated_mask(r, target_tumor_label(cond)) for r in raw])
+    sp = mask_generator_spacing(nets.config.get("mask_generation_latent_shape", [4, 64, 64, 64]))
+    return raw, np.stack([post_process_generated_mask(r, target_tumor_label(cond), spacing=sp) for r in raw])
 
 def size_sweep_figure(masks, # (K,X,Y,Z) MAISI label volumes, e.g. one seed at several sizes
                       titles, anatomy:str="liver", spacing=None):
@@ -501,7 +513,7 @@ def save_size_sweep(directory=None, # mask-generator folder (None: the bundled d
     nets, data = load_mask_generator(d, device), mask_generator_data(d)
     recs = read_size_conditions(data["size_conditions"]) if data["size_conditions"] else None
     posts = [generated_masks(nets, [[anatomy, lv]], [seed], recs, num_inference_steps, device, False)[1][0] for lv in levels]
-    sp = [384.0 / s for s in posts[0].shape]  # the generator's field of view is 384 mm
+    sp = [mask_generator_spacing(nets.config["mask_generation_latent_shape"])] * 3
     fig = size_sweep_figure(posts, [f"{anatomy} {lv:.1f}" for lv in levels], anatomy, sp)
     return save_plot(fig, d / "size_sweep.png")
 
@@ -521,8 +533,8 @@ DEMO_MASK_RECIPE = {
     "seed": 0, "network_config": DEMO_MASK_NETWORK,  # the demo model's mask-generation networks
     "phantoms": {"n": 160, "output_size": [32, 32, 32], "spacing": [12.0, 12.0, 12.0]},
     "vae": {"batch_size": 2, "patch_size": None, "lr": 2e-3, "n_epochs": 128, "steps_per_epoch": 25,
-            "ce_weight": 1.0, "dice_weight": 1.0, "kl_weight": 1e-7, "sample_posterior": False},
-    "diffusion": {"batch_size": 16, "lr": 1e-3, "n_epochs": 300, "steps_per_epoch": 40},
+            "ce_weight": 1.0, "dice_weight": 1.0, "kl_weight": 1e-7, "anatomy_dice_weight": 2.0, "sample_posterior": False},
+    "diffusion": {"batch_size": 16, "lr": 1e-3, "n_epochs": 600, "steps_per_epoch": 40},
     "database": {"output_size": [64, 64, 64], "spacing": [6.0, 6.0, 6.0], "seeds_per_region": 3,
                  "regions": ["head", "chest", "abdomen", "lower", "head,chest", "chest,abdomen", "abdomen,lower"]},
 }

@@ -26,7 +26,7 @@ __all__ = ['SPACING_ATOL', 'to_anatomy_ids', 'dilate3d', 'erode3d', 'close3d', '
            'resample_mask', 'body_region_vectors', 'mask_sample', 'load_mask_database', 'ensure_mask_dir', 'find_masks',
            'find_closest_masks', 'select_masks', 'read_mask_record', 'remap_named_mask', 'check_mask_ids', 'index_mask',
            'build_mask_db', 'build_mask_db_cli', 'augment_mask', 'post_process_generated_mask',
-           'check_controllable_anatomy_size', 'prepare_size_condition', 'target_tumor_label',
+           'check_controllable_anatomy_size', 'prepare_size_condition', 'target_tumor_label', 'mask_generator_spacing',
            'generated_mask_to_sample', 'fill_body', 'read_user_mask', 'prepare_user_mask']
 
 # %% ../nbs/00f_masks.ipynb #24e6eb64
@@ -488,18 +488,23 @@ def augment_mask(mask, # (1,1,X,Y,Z) or (X,Y,Z) MAISI label volume, any device
 
 # %% ../nbs/00f_masks.ipynb #667c1a38
 _ORGANS = (1, 4, 10, 12, 3, 28, 29, 30, 31, 32, 5, 14, 13, 6, 7, 8, 9)  # MAISI's list (10 appears once here)
+_PP_MM = 1.5  # MAISI post-processes generated masks on its 256³ grid at 1.5 mm
 
-def _closing_fill(v:np.ndarray, label:int, times:int=2, device=None) -> np.ndarray:
-    "Voxels of `label` after `times` closings (3³ box), computed in its bounding box."
+def _steps(n:int, spacing=None) -> int:
+    "3³-box steps on a `spacing`-mm grid that reach as far as `n` steps at MAISI's 1.5 mm (None: `n`; 0: under half a voxel)."
+    return n if spacing is None else int(np.floor(n * _PP_MM / float(np.max(spacing)) + 0.5))
+
+def _closing_fill(v:np.ndarray, label:int, times:int=2, device=None, spacing=None) -> np.ndarray:
+    "Voxels of `label` after `times` closings (3³ box), computed in its bounding box; none on grids coarser than 3 mm."
     out = np.zeros(v.shape, bool)
     box = _bbox(v == label, margin=times + 2)
-    if box is None: return out
+    if box is None or _steps(1, spacing) < 1: return out
     out[box] = close3d(torch.from_numpy(v[box] == label).to(device or "cpu"), 3, times).cpu().numpy()
     return out
 
-def _fill_into(v:np.ndarray, label:int, region:np.ndarray, device=None) -> np.ndarray:
-    "`label` dilated three times (3³ box), intersected with `region`."
-    return dilate3d(torch.from_numpy(v == label).to(device or "cpu"), 3, 3).cpu().numpy() & region
+def _fill_into(v:np.ndarray, label:int, region:np.ndarray, device=None, spacing=None) -> np.ndarray:
+    "`label` dilated about 4.5 mm (three 3³ steps at 1.5 mm), intersected with `region`."
+    return dilate3d(torch.from_numpy(v == label).to(device or "cpu"), 3, _steps(3, spacing)).cpu().numpy() & region
 
 def _keep_largest_labels(v:np.ndarray, labels, default:int=BODY_ID) -> tuple:
     "Keep the largest component of each label, others -> `default`; (volume, changed-voxel mask)."
@@ -513,7 +518,7 @@ def _dil(mask:np.ndarray, times:int=1, device=None) -> np.ndarray:
     return dilate3d(torch.from_numpy(mask).to(device or "cpu"), 3, times).cpu().numpy()
 
 # %% ../nbs/00f_masks.ipynb #84c37664
-def _refine_lung_tumor(d, organ_removed, device):
+def _refine_lung_tumor(d, organ_removed, device, spacing=None):
     "Lung tumour: refill the lobe around it, regrow it into removed voxels, close the lobes."
     tumor = d == 23
     ring = _dil(tumor, 1, device)
@@ -522,28 +527,29 @@ def _refine_lung_tumor(d, organ_removed, device):
         lobe = int(np.bincount(near).argmax())
         if lobe in _LOBES:
             ring = _dil(ring, 1, device)
-            d[_fill_into(d, lobe, ring & ~tumor, device)] = lobe
+            d[_fill_into(d, lobe, ring & ~tumor, device, spacing)] = lobe
     ring = _dil(ring, 1, device)
-    d[_fill_into(d, 23, ring & organ_removed, device)] = 23
+    d[_fill_into(d, 23, ring & organ_removed, device, spacing)] = 23
     for l in _LOBES:
-        for _ in range(3): d[_closing_fill(d, l, device=device)] = l
+        for _ in range(3): d[_closing_fill(d, l, device=device, spacing=spacing)] = l
 
-def _refine_hepatic_tumor(d, target, organ_removed, gut_removed, device):
+def _refine_hepatic_tumor(d, target, organ_removed, gut_removed, device, spacing=None):
     "Hepatic tumour: refill liver/spleen, regrow the tumour, keep the liver complex's largest part."
-    for _ in range(2): d[_fill_into(d, 1, gut_removed, device)] = 1
-    for _ in range(2): d[_fill_into(d, 3, organ_removed, device)] = 3
-    d[_fill_into(d, 26, _dil(d == 26, 2, device) & organ_removed, device)] = 26
+    for _ in range(2): d[_fill_into(d, 1, gut_removed, device, spacing)] = 1
+    for _ in range(2): d[_fill_into(d, 3, organ_removed, device, spacing)] = 3
+    d[_fill_into(d, 26, _dil(d == 26, 2, device) & organ_removed, device, spacing)] = 26
     complex_ = np.isin(d, (1, 25, 26))          # union; upstream summed exclusive indicators and kept '> 1' (empty)
     keep = keep_largest_component(complex_)
     d[complex_ & ~keep] = BODY_ID
     target = (target | (d == 26)) & keep
-    for _ in range(3): d[_closing_fill(d, 1, device=device)] = 1
+    for _ in range(3): d[_closing_fill(d, 1, device=device, spacing=spacing)] = 1
     return target
 
 # %% ../nbs/00f_masks.ipynb #9f28324d
 def post_process_generated_mask(volume, # (X,Y,Z) MAISI ids from the mask generator (numpy or torch)
                                 target_tumor_label:int|None=None, # the requested tumour (23, 24, 26, 27, 128, 129)
                                 device=None, # where morphology runs (CPU when None)
+                                spacing=None, # mm per voxel of `volume` (None: MAISI's 1.5 mm grid)
                                ):
     "MAISI's clean-up of a generated mask, with the upstream bugs fixed; same type as `volume`."
     is_t = isinstance(volume, torch.Tensor)
@@ -555,20 +561,20 @@ def post_process_generated_mask(volume, # (X,Y,Z) MAISI ids from the mask genera
     for t in TUMOR_IDS:
         if t != tt: v[v == t] = TUMOR_HOSTS[t]
         else:
-            for _ in range(2): v[_closing_fill(v, t, device=device)] = t
+            for _ in range(2): v[_closing_fill(v, t, device=device, spacing=spacing)] = t
     if tt not in (None, 26, 128): v, _ = _keep_largest_labels(v, [tt])
     target = v == tt if tt is not None else np.zeros(v.shape, bool)
     organs = list(_ORGANS) + (list(range(33, 60)) if tt != 128 else [])
     d, organ_removed = _keep_largest_labels(v, organs)
     gut_removed = np.isin(d, (19, 62)) & ~keep_largest_component(np.isin(d, (12, 13, 19, 62)))
     d[gut_removed] = BODY_ID
-    for l in organs: d[_closing_fill(d, l, device=device)] = l
-    if tt == 23 and target.any(): _refine_lung_tumor(d, organ_removed, device)
-    if tt == 26 and target.any(): target = _refine_hepatic_tumor(d, target, organ_removed, gut_removed, device)
-    if tt == 27 and target.any(): d[_fill_into(d, 27, _dil(d == 27, 2, device) & organ_removed, device)] = 27
+    for l in organs: d[_closing_fill(d, l, device=device, spacing=spacing)] = l
+    if tt == 23 and target.any(): _refine_lung_tumor(d, organ_removed, device, spacing)
+    if tt == 26 and target.any(): target = _refine_hepatic_tumor(d, target, organ_removed, gut_removed, device, spacing)
+    if tt == 27 and target.any(): d[_fill_into(d, 27, _dil(d == 27, 2, device) & organ_removed, device, spacing)] = 27
     if tt == 129 and target.any():
         for l in (5, 14):
-            for _ in range(3): d[_closing_fill(d, l, device=device)] = l
+            for _ in range(3): d[_closing_fill(d, l, device=device, spacing=spacing)] = l
     d[vessel & body] = 1       # the generator's hepatic vessels are not trusted: liver
     d[airway & body] = 132
     if tt is not None: d[target] = tt
@@ -629,6 +635,10 @@ def target_tumor_label(condition) -> int|None:
     return t
 
 # %% ../nbs/00f_masks.ipynb #ab7b6269
+def mask_generator_spacing(latent_shape) -> float:
+    "mm per voxel of a mask generator's output: MAISI's 256³ masks (latent 64³) span 384 mm; a smaller generator spans the same."
+    return 384.0 / (4 * int(latent_shape[1]))
+
 def generated_mask_to_sample(compact, # (X,Y,Z) or (1,1,X,Y,Z) compact class indices 0..124 (argmax of the logits)
                              spacing, output_size,
                              target_tumor_label:int|None=None, # see `target_tumor_label`
@@ -639,7 +649,7 @@ def generated_mask_to_sample(compact, # (X,Y,Z) or (1,1,X,Y,Z) compact class ind
     c = _as_volume(compact)
     if c.is_floating_point() or (c.numel() and (c.min() < 0 or c.max() > 124)):
         raise ValueError("compact: expected integer class indices 0..124 (argmax over the 125 logits)")
-    lab = post_process_generated_mask(compact_to_maisi(c.cpu().numpy()), target_tumor_label, device)
+    lab = post_process_generated_mask(compact_to_maisi(c.cpu().numpy()), target_tumor_label, device, generator_spacing)
     out, aff = resample_mask(lab, affine_from_spacing([generator_spacing] * 3), spacing, output_size, anatomy_ids, device)
     return mask_sample(out, aff, _vec3(spacing, float, "spacing"), *body_region_vectors(out), device)
 
