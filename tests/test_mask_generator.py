@@ -122,3 +122,15 @@ def test_vae_sample_posterior_false_trains_on_the_mean(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_mask_vae_cli(["--datalist", str(dl), "--model_dir", str(tmp_path / "x"), "--set", "sample_posterior=sometimes"])
     assert "sample_posterior" in capsys.readouterr().err
+
+def test_vae_anatomy_dice_weight_adds_the_controlled_anatomies_dice(tmp_path, capsys):
+    dl = make_mask_phantoms(tmp_path / "data", 1, seed=2)
+    args = ["--datalist", str(dl), "--network_config", "tiny-ddpm", "--device", "cpu", "-s", "0", "--model_dir", str(tmp_path / "m"),
+            "--set", "n_epochs=1", "steps_per_epoch=1", "batch_size=1", "lr=1e-12", "kl_weight=0", "anatomy_dice_weight=2"]
+    assert train_mask_vae_cli(args) == 0
+    rec = json.loads((tmp_path / "m" / "mask_generation_autoencoder_metrics.jsonl").read_text().splitlines()[-1])
+    assert 0 < rec["train_anatomy_dice"] < 1
+    assert rec["train_loss"] == pytest.approx(rec["train_ce"] + rec["train_dice"] + 2 * rec["train_anatomy_dice"], rel=1e-5)
+    with pytest.raises(SystemExit):
+        train_mask_vae_cli(args[:-1] + ["anatomy_dice_weight=-1"])
+    assert "anatomy_dice_weight" in capsys.readouterr().err
