@@ -99,8 +99,8 @@ SPACING_ATOL = 1e-3  # mm: spacings closer than this are treated as equal
 _RAS = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))
 
 class AnatomyLostError(ValueError):
-    "A requested anatomy is missing from a mask after resampling (`.missing` holds the ids)."
-    def __init__(self, msg, missing=()): super().__init__(msg); self.missing = list(missing)
+    "A requested anatomy is missing from a mask after resampling (`.missing` holds the ids; `.absent`: missing before it too)."
+    def __init__(self, msg, missing=(), absent:bool=False): super().__init__(msg); self.missing, self.absent = list(missing), absent
 
 def _vec3(v, kind, field):
     v = [v] * 3 if np.isscalar(v) else list(np.asarray(v).ravel())
@@ -143,7 +143,7 @@ def resample_mask(mask, # label volume (X,Y,Z) / (1,1,X,Y,Z), numpy or torch (a 
     if affine is None: affine = getattr(mask, "affine", None)
     if affine is None: raise ValueError("affine: needed to know the mask's spacing and orientation")
     absent = [i for i in ids if not bool((t == i).any())]
-    if absent: raise AnatomyLostError(f"anatomy_list: {_names(absent)} not in the mask at all", absent)
+    if absent: raise AnatomyLostError(f"anatomy_list: {_names(absent)} not in the mask at all", absent, absent=True)
     x = MetaTensor(t[None].to(device or t.device, torch.float32), affine=torch.as_tensor(np.asarray(affine, float)))
     x = _RAS(x)
     if not np.allclose(spacing_from_affine(x.affine), spacing, atol=atol, rtol=0):

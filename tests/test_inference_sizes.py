@@ -35,3 +35,17 @@ def test_generated_attaches_the_demo_mask_generator(tmp_path, one_thread):
     side, lab = run(tmp_path / "gen", "--mask-source", "generated", "--controllable-anatomy-size", "liver=0.5",
                     "--mask-generation-num-inference-steps", "4", "--max-attempts", "1")
     assert side["mask"]["source"] == "generated" and lab.shape == (32, 32, 32)
+
+@pytest.mark.parametrize("absent,expect", [(True, "none of 3 generated masks holds a hepatic tumor .*mask_source=.phantom."),
+                                           (False, "missing from 3 generated masks .*larger field of view")])
+def test_a_lost_anatomy_is_explained_by_why_it_was_lost(monkeypatch, absent, expect):
+    import maisi_nb.inference as inf
+    from maisi_nb.masks import AnatomyLostError
+    tries = []
+    def lose(*a, **k):
+        tries.append(1); raise AnatomyLostError("lost", [26], absent=absent)
+    monkeypatch.setattr(inf, "generated_mask_to_sample", lose)
+    pipe = default_pipeline(mask_generator=True)
+    with pytest.raises(ValueError, match=expect):
+        pipe.generate_mask([["liver", 0.8], ["hepatic tumor", 0.5]], [32] * 3, [12.0] * 3, num_inference_steps=2, progress_bar=False)
+    assert len(tries) == 3   # redrawn max_tries times before giving up
