@@ -499,10 +499,10 @@ def generate_mask(self:MaisiPipeline, controllable_anatomy_size, output_size, sp
         except AnatomyLostError as e: lost = e; continue
         return ms | {"info": {"source": "generated", "condition": [float(v) for v in cond], "tries": k + 1}}
     if lost.absent:  # the last draw had none of it before resampling: not a field-of-view problem
+        why = "a small generator such as the demo one (12 mm voxels) rarely draws tumours; " if set(lost.missing) & set(TUMOR_IDS) else ""
         raise ValueError(f"controllable_anatomy_size: none of {max_tries} generated masks holds a {_names(lost.missing)} "
-                         "(after MAISI's clean-up, before resampling); "
-                         "a small generator (the demo one works at 12 mm) rarely draws tumours: use mask_source='phantom' "
-                         "(--mask-source phantom), which honours tumour sizes, or another seed")
+                         f"(after MAISI's clean-up, before resampling); {why}use mask_source='phantom' "
+                         "(--mask-source phantom), which honours the sizes, or another seed")
     raise ValueError(f"controllable_anatomy_size: {_names(lost.missing)} missing from {max_tries} generated masks "
                      f"on output_size {list(output_size)} at spacing {list(spacing)} mm; use a larger field of view")
 

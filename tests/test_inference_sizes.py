@@ -36,14 +36,16 @@ def test_generated_attaches_the_demo_mask_generator(tmp_path, one_thread):
                     "--mask-generation-num-inference-steps", "4", "--max-attempts", "1")
     assert side["mask"]["source"] == "generated" and lab.shape == (32, 32, 32)
 
-@pytest.mark.parametrize("absent,expect", [(True, "none of 3 generated masks holds a hepatic tumor .*mask_source=.phantom."),
-                                           (False, "missing from 3 generated masks .*larger field of view")])
-def test_a_lost_anatomy_is_explained_by_why_it_was_lost(monkeypatch, absent, expect):
+@pytest.mark.parametrize("absent,missing,expect", [
+    (True, 26, "none of 3 generated masks holds a hepatic tumor .*rarely draws tumours; use mask_source='phantom'"),
+    (True, 10, r"holds a gallbladder \(10\) \(after MAISI's clean-up, before resampling\); use mask_source='phantom'"),
+    (False, 26, "missing from 3 generated masks .*larger field of view")])
+def test_a_lost_anatomy_is_explained_by_why_it_was_lost(monkeypatch, absent, missing, expect):
     import maisi_nb.inference as inf
     from maisi_nb.masks import AnatomyLostError
     tries = []
     def lose(*a, **k):
-        tries.append(1); raise AnatomyLostError("lost", [26], absent=absent)
+        tries.append(1); raise AnatomyLostError("lost", [missing], absent=absent)
     monkeypatch.setattr(inf, "generated_mask_to_sample", lose)
     pipe = default_pipeline(mask_generator=True)
     with pytest.raises(ValueError, match=expect):
