@@ -68,6 +68,22 @@ def test_no_mask_generator_sizes_scale_the_phantom(tiny, tmp_path):
     q = GenerationPanel(tiny, output_dir=tmp_path / "full", background=False)
     assert q.has_mask_generator and not q.mask_steps.disabled and not any(c.disabled for c, s in q.sizes.values())
 
+def test_size_sliders_draw_with_the_bundled_mask_generator(tmp_path):
+    "The demo model with its bundled mask generator: ticked sizes make the panel draw the mask, larger liver for a larger request."
+    pipe = default_pipeline(mask_generator=True)
+    livers = {}
+    for q in (0.1, 0.9):
+        p = small_panel(pipe, tmp_path / str(q), background=False)
+        assert p.has_mask_generator and not p.mask_steps.disabled
+        p.sizes["liver"][0].value, p.sizes["liver"][1].value = True, q
+        p.steps.value, p.mask_steps.value, p.seed.value, p.max_attempts.value = 2, 50, 3, 1
+        p.generate_button.click()
+        assert p.status.value.startswith("done"), p.status.value
+        s = p.result.samples[0]
+        assert s.mask["source"] == "generated" and p.result.config["controllable_anatomy_size"] == [["liver", q]]
+        livers[q] = int((np.asarray(s.label) == 1).sum())
+    assert livers[0.9] > livers[0.1] > 0, livers
+
 def test_demo_model_contrast(tmp_path):
     p = GenerationPanel(output_dir=tmp_path / "demo", background=False)  # the demo model has a modality input
     assert not p.modality.disabled and modality_id(p.settings()["modality"]) == p.pipeline.default_modality   # the model's own phase
