@@ -24,10 +24,10 @@ from .config import read_config, command_parser, cli_command
 
 # %% auto #0
 __all__ = ['DEMO_NETWORK', 'DEMO_ROLES', 'DEMO_RECIPE', 'FINETUNE_DIR', 'RUN_METRICS', 'STAGES', 'DEMO_MASK_DB', 'ATTRIBUTION',
-           'quick_recipe', 'check_recipe', 'make_demo_data', 'stage_seconds', 'final_autoencoder', 'load_trained',
-           'write_mask_database', 'save_demo_model', 'holdout_masks', 'evaluate_demo', 'without_controlnet',
-           'train_demo', 'model_card', 'card_section', 'save_gallery', 'write_model_card', 'train_demo_cli',
-           'demo_gallery', 'paired_figure']
+           'quick_recipe', 'check_recipe', 'recipe_network', 'make_demo_data', 'stage_seconds', 'final_autoencoder',
+           'load_trained', 'write_mask_database', 'save_demo_model', 'holdout_masks', 'evaluate_demo',
+           'without_controlnet', 'train_demo', 'model_card', 'card_section', 'save_gallery', 'write_model_card',
+           'train_demo_cli', 'demo_gallery', 'paired_figure']
 
 # %% ../nbs/06_demo_model.ipynb #9e92484b
 DEMO_NETWORK = _merge(PRESETS["tiny"], {
@@ -86,12 +86,21 @@ def check_recipe(recipe:dict) -> dict:
     if recipe["phantoms"]["n"] + recipe["real_ct"]["n"] < 3:
         raise ValueError("recipe: phantoms.n + real_ct.n must be at least 3 (training and a held-out fold)")
     parse_region_choices(recipe["phantoms"]["body_regions"], "recipe.phantoms.body_regions")
+    net = recipe.get("network")
+    if net is not None:
+        bad = sorted(set(net) - set(DEMO_NETWORK)) if isinstance(net, dict) else None
+        if bad is None or bad: raise ValueError(f"recipe.network: got {bad if bad else net!r}; allowed: a dict of network-config "
+                                                f"keys to change in DEMO_NETWORK, e.g. {{'latent_channels': 8}} (or null)")
     ft = recipe.get("vae_finetune")
     if ft is not None:
         bad = sorted(set(ft) - set(recipe["vae"])) if isinstance(ft, dict) else None
         if bad is None or bad: raise ValueError(f"recipe.vae_finetune: got {bad if bad else ft!r}; allowed: a dict of "
                                                 f"recipe.vae keys to change, e.g. n_epochs, kl_weight, lr, lr_warmup (or null)")
     return recipe
+
+def recipe_network(recipe:dict) -> dict:
+    "The network configuration a recipe trains: `DEMO_NETWORK` with the recipe's `network` keys changed."
+    return _merge(DEMO_NETWORK, check_recipe(recipe).get("network") or {})
 
 # %% ../nbs/06_demo_model.ipynb #b9e0ddf5
 def make_demo_data(work_dir, recipe:dict, overwrite:bool=False, num_workers:int=1) -> dict:
@@ -289,7 +298,7 @@ def train_demo(out_dir, # where the demo model folder is written (e.g. maisi_nb/
     r, w, out = check_recipe(copy.deepcopy(recipe or DEMO_RECIPE)), Path(work_dir), Path(out_dir)
     if (out / PIPELINE_FILE).exists() and not overwrite: raise FileExistsError(f"out_dir: {out} holds a model; pass overwrite")
     w.mkdir(parents=True, exist_ok=True)
-    save_json(DEMO_NETWORK, w / "configs" / "network.json", overwrite=True)
+    save_json(recipe_network(r), w / "configs" / "network.json", overwrite=True)
     torch_threads = torch.get_num_threads()
     for name, (fn, result) in {"data": (lambda w, r, dev: make_demo_data(w, r, True, num_workers), "datalist.json"), **STAGES}.items():
         if resume and (w / result).is_file() and (w / f"{name}.done").is_file(): continue
