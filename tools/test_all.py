@@ -47,7 +47,10 @@ def run_notebooks():
     return completed - failed, failed
 
 def run_pytest():
-    r = sh(BIN / "python", "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider", "-rs", capture=True)
+    # two workers (pytest-xdist), one test file each at a time: a file's module fixtures are built once
+    try: import xdist; par = ["-n", "2", "--dist", "loadfile"]
+    except ImportError: par = []
+    r = sh(BIN / "python", "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider", "-rs", "--durations=12", *par, capture=True)
     sys.stdout.write(r.stdout); sys.stderr.write(r.stderr)
     tail = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
     count = lambda w: sum(int(n) for n in re.findall(rf"(\d+) {w}", tail))
