@@ -23,7 +23,7 @@ from .networks import (PRESETS, MaisiNetworks, build_networks, load_pretrained, 
 from .sampling import (make_scheduler, is_rflow, sample_latents, set_inference_timesteps, batch_randn, ddpm_step,
                                check_guidance_scale, default_guidance_scale, generate_image_only)
 from .masks import (to_anatomy_ids, check_controllable_anatomy_size, prepare_size_condition, target_tumor_label,
-                            generated_mask_to_sample, mask_generator_spacing, find_masks, find_closest_masks, select_masks, read_mask_record,
+                            generated_mask_to_sample, mask_generator_spacing, mask_latent_shape, find_masks, find_closest_masks, select_masks, read_mask_record,
                             augment_mask, prepare_user_mask, mask_sample, body_region_vectors, load_mask_database,
                             AnatomyLostError, read_user_mask)
 from .hu_qc import quality_check, QCResult, ORGAN_GROUPS, NONFINITE
@@ -342,7 +342,7 @@ class MaisiPipeline:
         self.mask_database, self.mask_dir = mask_database, mask_dir
         self.size_conditions = json.loads(Path(size_conditions).read_text()) if isinstance(size_conditions, (str, Path)) else size_conditions
         self.qc_statistics = json.loads(Path(qc_statistics).read_text()) if isinstance(qc_statistics, (str, Path)) else qc_statistics
-        lat = networks.config.get("mask_generation_latent_shape", [4, 64, 64, 64])
+        lat = mask_latent_shape(networks.config)
         self.mask_generation_spacing = float(mask_generation_spacing or mask_generator_spacing(lat))
         self.fast = {**FAST_DEFAULTS, **(fast or {})}
         self.default_modality = modality_id(default_modality, "default_modality")
@@ -372,7 +372,7 @@ def device(self:MaisiPipeline) -> torch.device: return next(self.autoencoder.par
 def mask_generator(self:MaisiPipeline) -> MaskGenerator|None:
     n = self.networks
     if n.mask_generation_autoencoder is None or n.mask_generation_diffusion is None: return None
-    lat = tuple(n.config.get("mask_generation_latent_shape", [4, 64, 64, 64]))
+    lat = tuple(mask_latent_shape(n.config))
     return MaskGenerator(n.mask_generation_autoencoder, n.mask_generation_diffusion, n.mask_generation_noise_scheduler,
                          n.mask_generation_scale_factor, lat, self.mask_generation_spacing)
 

@@ -15,7 +15,7 @@ from .labels import COMPACT_TO_MAISI, CONTROLLABLE_ANATOMIES, BODY_ID, label_id,
 from .networks import build_networks, load_network_config, save_checkpoint, load_checkpoint, MaisiNetworks
 from .sampling import set_inference_timesteps, ddpm_step, batch_randn
 from .phantoms import make_phantom, TUMOR_RADIUS, parse_region_choices, _REGION_TUMORS
-from .masks import build_mask_db, check_controllable_anatomy_size, prepare_size_condition, target_tumor_label, post_process_generated_mask, mask_generator_spacing
+from .masks import build_mask_db, check_controllable_anatomy_size, prepare_size_condition, target_tumor_label, post_process_generated_mask, mask_generator_spacing, mask_latent_shape
 from .training import (Trainer, RunFiles, prepare_run, setup_distributed, ddp, epoch_generator, amp_enabled, amp_step,
                        plot_history, save_plot)
 from .vae import MeanReconstruction
@@ -339,7 +339,7 @@ def train_mask_diffusion(config=None, # training config (file or dict), see MASK
     rank, ws, device = setup_distributed(device)
     nets = mask_networks(env["network_config"], device, seed)
     load_checkpoint(nets.mask_generation_autoencoder, ae_path, "mask_generation_autoencoder")
-    lat_shape = list(nets.config.get("mask_generation_latent_shape", [4, 64, 64, 64]))
+    lat_shape = mask_latent_shape(nets.config)
     if [s // 4 for s in labs.shape[1:]] != lat_shape[1:]:
         raise ValueError(f"network_config: mask_generation_latent_shape {lat_shape} does not fit the masks' grid {list(labs.shape[1:])} (latent = grid / 4)")
     z = encode_masks(nets.mask_generation_autoencoder, labs, device=device)
@@ -422,7 +422,7 @@ def sample_masks(nets:MaisiNetworks, # with the two mask-generation networks and
     seeds = list(seeds)
     if len(seeds) != len(cond): raise ValueError(f"seeds: expected {len(cond)} seeds, got {len(seeds)}")
     unet, ae, sch = nets.mask_generation_diffusion.eval(), nets.mask_generation_autoencoder.eval(), nets.mask_generation_noise_scheduler
-    lat = list(nets.config.get("mask_generation_latent_shape", [4, 64, 64, 64]))
+    lat = mask_latent_shape(nets.config)
     out = []
     for s in range(0, len(cond), batch_size):
         c, gens = cond[s:s + batch_size].to(device).unsqueeze(1), [make_generator(int(x)) for x in seeds[s:s + batch_size]]
@@ -484,7 +484,7 @@ def generated_masks(nets:MaisiNetworks, controllable_anatomy_size, # [[name, per
     cond = prepare_size_condition(controllable_anatomy_size, size_conditions or [{"organ_size": [0.5] * 5 + [-1.0] * 5}])
     compact = sample_masks(nets, [cond] * len(seeds), seeds, num_inference_steps, device=device, progress_bar=progress_bar)
     raw = compact_to_maisi(compact)
-    sp = mask_generator_spacing(nets.config.get("mask_generation_latent_shape", [4, 64, 64, 64]))
+    sp = mask_generator_spacing(mask_latent_shape(nets.config))
     return raw, np.stack([post_process_generated_mask(r, target_tumor_label(cond), spacing=sp) for r in raw])
 
 def size_sweep_figure(masks, # (K,X,Y,Z) MAISI label volumes, e.g. one seed at several sizes
@@ -513,7 +513,7 @@ def save_size_sweep(directory=None, # mask-generator folder (None: the bundled d
     nets, data = load_mask_generator(d, device), mask_generator_data(d)
     recs = read_size_conditions(data["size_conditions"]) if data["size_conditions"] else None
     posts = [generated_masks(nets, [[anatomy, lv]], [seed], recs, num_inference_steps, device, False)[1][0] for lv in levels]
-    sp = [mask_generator_spacing(nets.config["mask_generation_latent_shape"])] * 3
+    sp = [mask_generator_spacing(mask_latent_shape(nets.config))] * 3
     fig = size_sweep_figure(posts, [f"{anatomy} {lv:.1f}" for lv in levels], anatomy, sp)
     return save_plot(fig, d / "size_sweep.png")
 
