@@ -15,8 +15,9 @@ Per row:
 --diagnose adds where the anatomy is lost, stage by stage: the autoencoder round trip, latent statistics against the
 scale factor, the diffusion UNet without its ControlNet, and ControlNet sampling at each step count.
 
-    python benchmarks/demo_realism.py [--model DIR ...] [--n-masks 12] [--steps 30 5 1] [--threads 2] [--diagnose]
-                                      [--out table.md|results.json] [--seed 0]
+    python benchmarks/demo_realism.py [--model DIR ...] [--baseline DIR] [--n-masks 12] [--steps 30 5 1] [--threads 2]
+                                      [--phase-modality] [--diagnose] [--out table.md|results.json] [--seed 0]
+The first rows are the reference model's (the bundled demo model, or --baseline); the KID target is half of its KID.
 """
 import argparse, copy, json, math, sys, time, warnings
 from pathlib import Path
@@ -215,8 +216,13 @@ class Run:
             out[p] = torch.cat([self.net(preprocess_slices(sl[i:i + 16], pre, -1000.0, 1000.0)) for i in range(0, len(sl), 16)])
         return out
 
+    @property
+    def knows_phase(self) -> bool:
+        "Trained on contrast phases: its default modality is a phase, not plain ct (1); a model that never saw a phase code gets ct."
+        return int(self.pipe.default_modality) != MODALITIES["ct"]
+
     def modality(self, i:int|None):
-        if not self.a.phase_modality or i is None: return MODALITIES["ct"]
+        if not self.a.phase_modality or i is None or not self.knows_phase: return MODALITIES["ct"]
         return MODALITIES[self.phases[i]]
 
     @torch.no_grad()
@@ -398,10 +404,10 @@ def verdict_lines(name:str, rows:dict, ae:dict, base_kid:float|None, is_base:boo
              + ("" if phase_given else " (contrast phase not given to the model)"))
     L.append(f"- air holes <= {TARGETS['air_holes']:.1%}: {r['air_holes']:.2%} -> {ok(r['air_holes'] <= TARGETS['air_holes'])}")
     if is_base or base_kid is None:
-        L.append(f"- KID vs held-out phantoms <= half the bundled model's: {'this is the bundled model, the reference' if is_base else 'no bundled-model row in this run'} "
+        L.append(f"- KID vs held-out phantoms <= half the reference model's: {'this is the reference model' if is_base else 'no reference-model row in this run'} "
                  f"(KID×1000 {1000 * r['kid']:.2f}; target for a new model <= {500 * r['kid'] if is_base else float('nan'):.2f}) -> n/a")
     else:
-        L.append(f"- KID vs held-out phantoms <= half the bundled model's ({1000 * base_kid:.2f} -> <= {500 * base_kid:.2f}): "
+        L.append(f"- KID vs held-out phantoms <= half the reference model's ({1000 * base_kid:.2f} -> <= {500 * base_kid:.2f}): "
                  f"{1000 * r['kid']:.2f} -> {ok(r['kid'] <= TARGETS['kid_share'] * base_kid)}")
     disc = discriminates(r, rows[lo]) if lo != hi else {}
     if disc:
@@ -431,6 +437,8 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", action="append", default=None, help="saved pipeline folder (repeatable; default: the bundled demo model)")
     p.add_argument("--no-baseline", action="store_true", help="with --model: do not add the bundled model as the reference rows")
+    p.add_argument("--baseline", default=None, help="saved pipeline folder to compare the others with (default: the bundled demo model), "
+                   "e.g. the previous model after a new one is bundled")
     p.add_argument("--n-masks", type=int, default=12, help="held-out phantom masks (default 12)")
     p.add_argument("--steps", type=int, nargs="+", default=[30, 5, 1], help="rectified-flow step counts (default 30 5 1)")
     p.add_argument("--real-seeds", type=int, default=2, help="noise seeds on the real CT's mask (default 2)")
@@ -441,7 +449,8 @@ def parse(argv=None):
                    help="slice intensity scaling for KID/FID: fixed -1000..1000 HU (default) or MAISI's per-volume min-max")
     p.add_argument("--kid-subsets", type=int, default=50, help="paired half-subsets for KID's spread (default 50)")
     p.add_argument("--phase-modality", action="store_true",
-                   help="give each phantom's contrast phase as MAISI's modality (ct_wo_contrast 2, ct_contrast 3) instead of ct (1)")
+                   help="give each phantom's contrast phase as MAISI's modality (ct_wo_contrast 2, ct_contrast 3) instead of ct (1), "
+                        "to models trained on phases (a model whose default modality is ct never saw a phase code and gets ct)")
     p.add_argument("--diagnose", action="store_true", help="add the stage-by-stage diagnosis")
     p.add_argument("--out", default=None, help="also write the results: .json (everything) or markdown (the tables)")
     a = p.parse_args(argv)
@@ -452,6 +461,10 @@ def parse(argv=None):
     if not 0 < a.slices_ratio <= 1: p.error(f"--slices-ratio: got {a.slices_ratio}; allowed: (0, 1]")
     if a.kid_subsets < 2: p.error(f"--kid-subsets: got {a.kid_subsets}; allowed: 2 or more")
     bundled = demo_model_dir()
+    if a.baseline:
+        if not (Path(a.baseline) / "pipeline.json").is_file(): p.error(f"--baseline: {a.baseline} is not a saved pipeline folder (no pipeline.json)")
+        if a.no_baseline: p.error("--baseline and --no-baseline: give one of them")
+        bundled = Path(a.baseline)
     models = [Path(m) for m in (a.model or [])]
     if bundled is not None and (not models or not a.no_baseline) and all(m.resolve() != bundled.resolve() for m in models):
         models.insert(0, bundled)
@@ -474,11 +487,11 @@ def main(argv=None):
     base_kid = None
     for d in models:
         is_base = bundled is not None and d.resolve() == bundled.resolve()
-        name = "bundled demo model" if is_base else d.name
+        name = d.name if a.baseline or not is_base else "bundled demo model"
         t0 = time.time()
         run = Run(a, d, name, net)
         if run.note: print(f"note: {run.note}", file=sys.stderr)
-        res = {"phantoms": {}, "real_ct": {}, "grid": [run.pipe.output_size, run.pipe.spacing],
+        res = {"phantoms": {}, "real_ct": {}, "grid": [run.pipe.output_size, run.pipe.spacing], "phase_given": a.phase_modality and run.knows_phase,
                "phases": run.phases, "regions": ["+".join(m[2]) for m in run.masks]}
         log = lambda what: print(f"[{time.time() - t_all:.0f} s] {name}: {what}", file=sys.stderr, flush=True)
         log("references ready")
@@ -509,7 +522,7 @@ def main(argv=None):
            f"spatially averaged {', '.join(LAYERS)} maps of the central {a.slices_ratio:.0%} of the slices of each plane, "
            f"{'a fixed -1000..1000 HU window' if a.window == 'fixed' else 'MAISI per-volume min-max scaling'}, each slice's vector "
            f"scaled to length sqrt(d); KID and FID on {HEADLINE}, against the paired held-out phantom images. "
-           f"Modality given: {'the phantom contrast phase' if a.phase_modality else 'ct (1) for every mask'}.", ""]
+           f"Modality given: {'the phantom contrast phase to models trained on phases, ct (1) to the others' if a.phase_modality else 'ct (1) for every mask'}.", ""]
     for name, res, _, _ in verdicts:
         ph = res["phases"]
         out.append(f"Held-out phantoms of {name} (grid {res['grid'][0]} at {res['grid'][1]} mm): "
@@ -527,7 +540,7 @@ def main(argv=None):
                    f"{p['air_holes']:.2%} | {f(p['texture_ratio'])} | {kid_cell(p)} |")
     out.append("")
     for name, res, ae, is_base in verdicts:
-        lines, disc = verdict_lines(name, res["phantoms"], ae, base_kid, is_base, a.phase_modality)
+        lines, disc = verdict_lines(name, res["phantoms"], ae, base_kid, is_base, res["phase_given"])
         res["discrimination"] = disc
         out += lines + [""]
     if a.diagnose:

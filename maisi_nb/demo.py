@@ -25,9 +25,9 @@ from .config import read_config, command_parser, cli_command
 # %% auto #0
 __all__ = ['DEMO_NETWORK', 'DEMO_ROLES', 'DEMO_RECIPE', 'FINETUNE_DIR', 'RUN_METRICS', 'STAGES', 'DEMO_MASK_DB', 'ATTRIBUTION',
            'quick_recipe', 'check_recipe', 'recipe_network', 'make_demo_data', 'stage_seconds', 'final_autoencoder',
-           'load_trained', 'write_mask_database', 'save_demo_model', 'holdout_masks', 'evaluate_demo',
-           'without_controlnet', 'train_demo', 'model_card', 'card_section', 'save_gallery', 'write_model_card',
-           'train_demo_cli', 'demo_gallery', 'paired_figure']
+           'load_trained', 'write_mask_database', 'save_demo_model', 'holdout_masks', 'holdout_modality',
+           'evaluate_demo', 'without_controlnet', 'train_demo', 'model_card', 'record_realism', 'card_section',
+           'save_gallery', 'write_model_card', 'train_demo_cli', 'demo_gallery', 'paired_figure']
 
 # %% ../nbs/06_demo_model.ipynb #9e92484b
 DEMO_NETWORK = _merge(PRESETS["tiny"], {
@@ -253,14 +253,18 @@ def holdout_masks(recipe:dict, n:int=20) -> list:
         out.append((p.label, p.affine, list(regs), p.image))
     return out
 
+def holdout_modality(pipe:MaisiPipeline, recipe:dict, i:int) -> str|None:
+    "Held-out phantom `i`'s own contrast phase for a model trained on phases; None (the model's default) for one that never saw a phase code."
+    if pipe.default_modality == modality_id("ct"): return None
+    return "ct_contrast" if phantom_contrast(recipe["holdout_seed"] + i) else "ct_wo_contrast"
+
 def evaluate_demo(pipe:MaisiPipeline, recipe:dict, n:int=20, num_inference_steps:int=30, seed:int=0,
                   progress_bar:bool=True) -> dict:
     "QC pass rate and organ-in-range share over `n` held-out masks; VAE PSNR on held-out phantoms and the real CT."
     masks, rows, organs, t0 = holdout_masks(recipe, n), [], [], time.time()
     for i, (lab, aff, regs, _) in enumerate(progress(masks, desc="held-out masks", disable=None if progress_bar else True)):
-        phase = "ct_contrast" if phantom_contrast(recipe["holdout_seed"] + i) else "ct_wo_contrast"  # the phantom's own phase
         res = pipe(mask=(lab, aff), mask_source="user", num_inference_steps=num_inference_steps, seed=seed + i,
-                   max_attempts=1, progress_bar=False, modality=phase)
+                   max_attempts=1, progress_bar=False, modality=holdout_modality(pipe, recipe, i))
         q = res.samples[0].qc
         present = [o for o in q.organs if o.status != "absent"]
         organs += [o.status == "pass" for o in present]
@@ -341,6 +345,9 @@ def model_card(info:dict) -> str:
         f"{[round(a * b) for a, b in zip(r['output_size'], r['spacing'])]} mm); " + _regions_text(r) + ".",
         f"- Parameters: autoencoder {size('autoencoder')}, diffusion UNet {size('diffusion_unet')}, ControlNet "
         f"{size('controlnet')}; stored as float16. Same MONAI classes and checkpoint layout as MAISI's RFlow release.",
+        *(["- Contrast phase: an input, as MAISI's modality code: `modality=\"ct_contrast\"` (portal venous, 3; the default) or "
+           "`\"ct_wo_contrast\"` (plain, 2). A mask cannot say whether a CT is enhanced; the phase moves liver, spleen, kidney and "
+           "pancreas by 50–140 HU."] if info.get("default_modality", 1) in (2, 3) else []),
         "- Mask sources: procedural phantoms (default) or your own mask (NIfTI)"
         + (f"; its own candidate-mask database of {info['mask_database']} phantom masks (`mask_source=\"database\"`)" if info.get("mask_database") else "")
         + ". Controllable organ and tumour size (`controllable_anatomy_size`) is honoured through the phantoms; the small "
@@ -365,6 +372,9 @@ def model_card(info:dict) -> str:
             f"of {m['n_organ_checks']} organ checks",
             f"- Autoencoder PSNR: held-out phantoms {m['vae_psnr_phantoms']:.1f} dB, real chest CT {m['vae_psnr_real_ct']:.1f} dB",
             f"- Generation: {m['seconds_per_volume']:.1f} s per volume (sampling, decoding, QC) on this CPU", ""]
+    rl = info.get("realism")
+    if rl: lines += ["## Realism", f"Measured against the paired held-out phantoms and the real chest CT (`{rl['command']}`; "
+                     "the previous demo model side by side):", "", rl["markdown"].strip(), ""]
     if info.get("gallery", True): lines += ["## Gallery", "One generated volume per body-region choice (seed 1): axial, coronal, "
                                             "sagittal, and the coronal slice with its mask.", "", "![gallery](gallery.png)", ""]
     lines += ["## Intended use and limits", "Demonstrations, tutorials, tests of code that consumes MAISI outputs, and "
@@ -375,6 +385,12 @@ def model_card(info:dict) -> str:
                  "and texture is missing — compare generated and paired phantom slices before relying on any shape."
                  if m and m.get("vae_psnr_phantoms", 99) < 30 else ""), ""]
     return "\n".join(lines)
+
+def record_realism(model_dir, markdown:str, command:str) -> Path:
+    "Store `benchmarks/demo_realism.py`'s tables (`markdown`, run by `command`) in a demo model's training.json and rewrite its card."
+    d = Path(model_dir); info = json.loads((d / "training.json").read_text())
+    save_json({**info, "realism": {"command": command, "markdown": markdown}}, d / "training.json", overwrite=True)
+    return write_model_card(d)
 
 def card_section(title:str="Measured", model_dir=None) -> str:
     "One `## title` section of a demo model's card (default: the bundled model), as markdown."
@@ -396,7 +412,9 @@ def write_model_card(model_dir) -> Path:
     "Write MODEL_CARD.md of a demo model folder from its training.json."
     d = Path(model_dir)
     db = d / "mask_database.json"
+    meta = json.loads((d / PIPELINE_FILE).read_text()) if (d / PIPELINE_FILE).is_file() else {}
     info = json.loads((d / "training.json").read_text()) | {"gallery": (d / "gallery.png").is_file(),
+                                                            "default_modality": meta.get("default_modality", 1),
                                                             "mask_database": len(json.loads(db.read_text())) if db.is_file() else 0}
     with atomic_path(d / "MODEL_CARD.md", overwrite=True) as tmp: Path(tmp).write_text(model_card(info))
     return d / "MODEL_CARD.md"
@@ -437,7 +455,7 @@ def demo_gallery(pipe:MaisiPipeline, body_regions=("chest", "abdomen", "chest,ab
     return fig
 
 def paired_figure(pipe:MaisiPipeline, recipe:dict, n:int=4, num_inference_steps:int=30, seed:int=0, size:float=1.8):
-    "Held-out phantoms (their masks as user masks, their own contrast phase) next to what the model generates from them: soft-tissue and bone windows, axial and coronal."
+    "Held-out phantoms (their masks as user masks; a model trained on phases gets each one's own contrast phase) next to what the model generates from them: soft-tissue and bone windows, axial and coronal."
     import matplotlib.pyplot as plt
     from maisi_nb.phantoms import show_ct
     masks = holdout_masks(recipe, n)
@@ -447,7 +465,7 @@ def paired_figure(pipe:MaisiPipeline, recipe:dict, n:int=4, num_inference_steps:
     for i, (row, (lab, aff, regs, ref)) in enumerate(zip(axs, masks)):
         phase = "ct_contrast" if phantom_contrast(recipe["holdout_seed"] + i) else "ct_wo_contrast"
         res = pipe(mask=(lab, aff), mask_source="user", seed=seed + i, num_inference_steps=num_inference_steps,
-                   modality=phase, max_attempts=1, progress_bar=False)
+                   modality=holdout_modality(pipe, recipe, i), max_attempts=1, progress_bar=False)
         vols = {"phantom": ref, "generated": res.samples[0].image}
         for a, (what, window, view) in zip(row, cols):
             show_ct(vols[what], None, recipe["spacing"], window=window, ax=[a], views=(view,))
