@@ -1,7 +1,7 @@
 """Autoencoder capacity for the demo model: the same training with 4, 8 or 16 latent channels, side by side.
 
 Each variant is the demo network's autoencoder (MAISI's AutoencoderKlMaisi, 4x downsampling) with `latent_channels`
-changed, trained by our `maisi_train_vae` command on the 4 mm demo recipe's data (`DEMO_RECIPE_4MM`: phantoms of every body region plus
+changed, trained by our `maisi_train_vae` command on the demo recipe's data (phantoms of every body region plus
 real-CT crops, the recipe's grid and spacing) with an L1 reconstruction term and a small KL term only. Then the
 round trip (encode the mean, decode) on held-out phantoms and the real chest CT (LIDC-IDRI, CC BY 3.0), with the
 measures of benchmarks/demo_realism.py, next to the pooling ceiling of benchmarks/latent_ceiling.py (k = 4, the
@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import demo_realism as R
 from latent_ceiling import pooled
-from maisi_nb.demo import DEMO_RECIPE_4MM as DEMO_RECIPE, holdout_masks, make_demo_data, recipe_network, _vae_run
+from maisi_nb.demo import DEMO_RECIPE, holdout_masks, make_demo_data, recipe_network, _vae_run
 from maisi_nb.networks import build_networks, load_checkpoint
 from maisi_nb.data import load_example_ct
 from maisi_nb.utils import save_json

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from scipy import ndimage as ndi
 from maisi_nb.demo import DEMO_RECIPE, check_recipe, holdout_masks, without_controlnet
+from maisi_nb.phantoms import parse_region_choices
 from maisi_nb.inference import MaisiPipeline, demo_model_dir
 from maisi_nb.labels import BODY_ID, LABELS, MODALITIES
 from maisi_nb.data import load_example_ct
@@ -192,6 +193,7 @@ class Run:
         self.pipe = MaisiPipeline.from_pretrained(d, device="cpu")
         self.recipe, self.note = model_recipe(d)
         self.recipe.update(output_size=list(self.pipe.output_size), spacing=list(self.pipe.spacing))
+        if a.body_regions: self.recipe["phantoms"]["body_regions"] = a.body_regions   # the same held-out masks for every model
         t = time.time()
         self.masks = holdout_masks(self.recipe, a.n_masks)  # (label, affine, regions, phantom image)
         self.phases = [phantom_phase(self.recipe["holdout_seed"] + i) for i in range(a.n_masks)]
@@ -451,6 +453,9 @@ def parse(argv=None):
     p.add_argument("--phase-modality", action="store_true",
                    help="give each phantom's contrast phase as MAISI's modality (ct_wo_contrast 2, ct_contrast 3) instead of ct (1), "
                         "to models trained on phases (a model whose default modality is ct never saw a phase code and gets ct)")
+    p.add_argument("--body-regions", nargs="+", default=None,
+                   help="body-region choices of the held-out masks for every model (default: each model's own recipe), "
+                        "e.g. chest abdomen chest,abdomen abdomen,lower to compare models trained on different regions on the same masks")
     p.add_argument("--diagnose", action="store_true", help="add the stage-by-stage diagnosis")
     p.add_argument("--out", default=None, help="also write the results: .json (everything) or markdown (the tables)")
     a = p.parse_args(argv)
@@ -460,6 +465,9 @@ def parse(argv=None):
     if a.real_seeds < 0: p.error(f"--real-seeds: got {a.real_seeds}; allowed: 0 or more")
     if not 0 < a.slices_ratio <= 1: p.error(f"--slices-ratio: got {a.slices_ratio}; allowed: (0, 1]")
     if a.kid_subsets < 2: p.error(f"--kid-subsets: got {a.kid_subsets}; allowed: 2 or more")
+    if a.body_regions:
+        try: parse_region_choices(a.body_regions, "--body-regions")
+        except ValueError as e: p.error(str(e))
     bundled = demo_model_dir()
     if a.baseline:
         if not (Path(a.baseline) / "pipeline.json").is_file(): p.error(f"--baseline: {a.baseline} is not a saved pipeline folder (no pipeline.json)")
