@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy import ndimage as ndi
-from maisi_nb.demo import DEMO_RECIPE, check_recipe, holdout_masks, without_controlnet
+from maisi_nb.demo import DEMO_RECIPE, check_recipe, holdout_masks, holdout_phase, without_controlnet
 from maisi_nb.phantoms import parse_region_choices
 from maisi_nb.inference import MaisiPipeline, demo_model_dir
 from maisi_nb.labels import BODY_ID, LABELS, MODALITIES
@@ -164,11 +164,6 @@ def unit_image(img:np.ndarray) -> torch.Tensor:
     "(1,1,X,Y,Z) autoencoder input from HU (`hu_to_unit`)."
     return torch.as_tensor(hu_to_unit(img), dtype=torch.float32)[None, None]
 
-def phantom_phase(seed:int) -> str:
-    "Contrast phase the phantom generator drew for `seed` (make_phantom's contrast=None)."
-    from maisi_nb.phantoms import phantom_contrast
-    return "ct_contrast" if phantom_contrast(seed) else "ct_wo_contrast"
-
 def fit_grid(img:np.ndarray, lab:np.ndarray, affine:np.ndarray, size) -> tuple:
     "Pad (air, at the end) or centre-crop a volume and its label to `size`; the affine follows the crop."
     aff, sl, pads = np.array(affine, float), [], []
@@ -196,7 +191,7 @@ class Run:
         if a.body_regions: self.recipe["phantoms"]["body_regions"] = a.body_regions   # the same held-out masks for every model
         t = time.time()
         self.masks = holdout_masks(self.recipe, a.n_masks)  # (label, affine, regions, phantom image)
-        self.phases = [phantom_phase(self.recipe["holdout_seed"] + i) for i in range(a.n_masks)]
+        self.phases = [holdout_phase(self.recipe, i) for i in range(a.n_masks)]
         self.refs = [reference_stats(m[3], m[0]) for m in self.masks]
         self.ref_feats = [self.features(m[3]) for m in self.masks]
         self.subsets = half_subsets(a.n_masks, a.kid_subsets, a.seed)

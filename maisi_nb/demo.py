@@ -18,16 +18,16 @@ from .inference import PIPELINE_FILE, MaisiPipeline, SMALL_LIMITS, demo_model_di
 from .features import reconstruction_metrics
 from .utils import atomic_path, progress, save_json
 from .masks import build_mask_db
-from .labels import modality_id
+from .labels import modality_id, modality_name
 from .training import RunFiles
 from .config import read_config, command_parser, cli_command
 
 # %% auto #0
 __all__ = ['DEMO_NETWORK', 'DEMO_ROLES', 'DEMO_RECIPE', 'FINETUNE_DIR', 'RUN_METRICS', 'STAGES', 'DEMO_MASK_DB', 'ATTRIBUTION',
            'quick_recipe', 'check_recipe', 'recipe_network', 'make_demo_data', 'stage_seconds', 'final_autoencoder',
-           'load_trained', 'write_mask_database', 'save_demo_model', 'holdout_masks', 'holdout_modality',
-           'evaluate_demo', 'without_controlnet', 'train_demo', 'model_card', 'record_realism', 'card_section',
-           'save_gallery', 'write_model_card', 'train_demo_cli', 'demo_gallery', 'paired_figure']
+           'load_trained', 'write_mask_database', 'save_demo_model', 'holdout_masks', 'holdout_phase',
+           'holdout_modality', 'evaluate_demo', 'without_controlnet', 'train_demo', 'model_card', 'record_realism',
+           'card_section', 'save_gallery', 'write_model_card', 'train_demo_cli', 'demo_gallery', 'paired_figure']
 
 # %% ../nbs/06_demo_model.ipynb #9e92484b
 DEMO_NETWORK = _merge(PRESETS["tiny"], {
@@ -253,10 +253,13 @@ def holdout_masks(recipe:dict, n:int=20) -> list:
         out.append((p.label, p.affine, list(regs), p.image))
     return out
 
+def holdout_phase(recipe:dict, i:int) -> str:
+    "The contrast phase the phantom generator drew for held-out phantom `i`: 'ct_contrast' or 'ct_wo_contrast'."
+    return "ct_contrast" if phantom_contrast(recipe["holdout_seed"] + i) else "ct_wo_contrast"
+
 def holdout_modality(pipe:MaisiPipeline, recipe:dict, i:int) -> str|None:
     "Held-out phantom `i`'s own contrast phase for a model trained on phases; None (the model's default) for one that never saw a phase code."
-    if pipe.default_modality == modality_id("ct"): return None
-    return "ct_contrast" if phantom_contrast(recipe["holdout_seed"] + i) else "ct_wo_contrast"
+    return None if pipe.default_modality == modality_id("ct") else holdout_phase(recipe, i)
 
 def evaluate_demo(pipe:MaisiPipeline, recipe:dict, n:int=20, num_inference_steps:int=30, seed:int=0,
                   progress_bar:bool=True) -> dict:
@@ -345,9 +348,10 @@ def model_card(info:dict) -> str:
         f"{[round(a * b) for a, b in zip(r['output_size'], r['spacing'])]} mm); " + _regions_text(r) + ".",
         f"- Parameters: autoencoder {size('autoencoder')}, diffusion UNet {size('diffusion_unet')}, ControlNet "
         f"{size('controlnet')}; stored as float16. Same MONAI classes and checkpoint layout as MAISI's RFlow release.",
-        *(["- Contrast phase: an input, as MAISI's modality code: `modality=\"ct_contrast\"` (portal venous, 3; the default) or "
-           "`\"ct_wo_contrast\"` (plain, 2). A mask cannot say whether a CT is enhanced; the phase moves liver, spleen, kidney and "
-           "pancreas by 50–140 HU."] if info.get("default_modality", 1) in (2, 3) else []),
+        *([f"- Contrast phase: an input, as MAISI's modality code: `modality=\"ct_contrast\"` (portal venous, 3) or "
+           f"`\"ct_wo_contrast\"` (plain, 2); a call without one gets {modality_name(info['default_modality'])}. A mask cannot say "
+           "whether a CT is enhanced; the phase moves liver, spleen, kidney and pancreas by 50–140 HU."]
+          if info.get("default_modality", 1) in (2, 3) else []),
         "- Mask sources: procedural phantoms (default) or your own mask (NIfTI)"
         + (f"; its own candidate-mask database of {info['mask_database']} phantom masks (`mask_source=\"database\"`)" if info.get("mask_database") else "")
         + ". Controllable organ and tumour size (`controllable_anatomy_size`) is honoured through the phantoms; the small "
@@ -373,8 +377,8 @@ def model_card(info:dict) -> str:
             f"- Autoencoder PSNR: held-out phantoms {m['vae_psnr_phantoms']:.1f} dB, real chest CT {m['vae_psnr_real_ct']:.1f} dB",
             f"- Generation: {m['seconds_per_volume']:.1f} s per volume (sampling, decoding, QC) on this CPU", ""]
     rl = info.get("realism")
-    if rl: lines += ["## Realism", f"Measured against the paired held-out phantoms and the real chest CT (`{rl['command']}`; "
-                     "the previous demo model side by side):", "", rl["markdown"].strip(), ""]
+    if rl: lines += ["## Realism", f"Measured against the paired held-out phantoms and the real chest CT (`{rl['command']}`):",
+                     "", rl["markdown"].strip(), ""]
     if info.get("gallery", True): lines += ["## Gallery", "One generated volume per body-region choice (seed 1): axial, coronal, "
                                             "sagittal, and the coronal slice with its mask.", "", "![gallery](gallery.png)", ""]
     lines += ["## Intended use and limits", "Demonstrations, tutorials, tests of code that consumes MAISI outputs, and "
@@ -463,7 +467,7 @@ def paired_figure(pipe:MaisiPipeline, recipe:dict, n:int=4, num_inference_steps:
             ("phantom", "soft", "coronal"), ("generated", "soft", "coronal")]
     fig, axs = plt.subplots(n, len(cols), figsize=(len(cols) * size, n * size), squeeze=False, layout="constrained")
     for i, (row, (lab, aff, regs, ref)) in enumerate(zip(axs, masks)):
-        phase = "ct_contrast" if phantom_contrast(recipe["holdout_seed"] + i) else "ct_wo_contrast"
+        phase = holdout_phase(recipe, i)
         res = pipe(mask=(lab, aff), mask_source="user", seed=seed + i, num_inference_steps=num_inference_steps,
                    modality=holdout_modality(pipe, recipe, i), max_attempts=1, progress_bar=False)
         vols = {"phantom": ref, "generated": res.samples[0].image}

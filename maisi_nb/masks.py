@@ -20,15 +20,15 @@ from .utils import (progress, make_generator, save_json, save_nifti, load_nifti,
                             affine_from_spacing, check_output_dir)
 from .config import command_parser, cli_command, read_config
 from .data import totalsegmentator_to_maisi, TS_TO_MAISI, add_body
+from .networks import MAISI_DDPM
 
 # %% auto #0
-__all__ = ['SPACING_ATOL', 'MASK_LATENT_SHAPE', 'to_anatomy_ids', 'dilate3d', 'erode3d', 'close3d', 'keep_largest_component',
-           'AnatomyLostError', 'resample_mask', 'body_region_vectors', 'mask_sample', 'load_mask_database',
-           'ensure_mask_dir', 'find_masks', 'find_closest_masks', 'select_masks', 'read_mask_record',
-           'remap_named_mask', 'check_mask_ids', 'index_mask', 'build_mask_db', 'build_mask_db_cli', 'augment_mask',
-           'post_process_generated_mask', 'check_controllable_anatomy_size', 'prepare_size_condition',
-           'target_tumor_label', 'mask_latent_shape', 'mask_generator_spacing', 'generated_mask_to_sample', 'fill_body',
-           'read_user_mask', 'prepare_user_mask']
+__all__ = ['SPACING_ATOL', 'to_anatomy_ids', 'dilate3d', 'erode3d', 'close3d', 'keep_largest_component', 'AnatomyLostError',
+           'resample_mask', 'body_region_vectors', 'mask_sample', 'load_mask_database', 'ensure_mask_dir', 'find_masks',
+           'find_closest_masks', 'select_masks', 'read_mask_record', 'remap_named_mask', 'check_mask_ids', 'index_mask',
+           'build_mask_db', 'build_mask_db_cli', 'augment_mask', 'post_process_generated_mask',
+           'check_controllable_anatomy_size', 'prepare_size_condition', 'target_tumor_label', 'mask_latent_shape',
+           'mask_generator_spacing', 'generated_mask_to_sample', 'fill_body', 'read_user_mask', 'prepare_user_mask']
 
 # %% ../nbs/00f_masks.ipynb #24e6eb64
 def _key(name) -> str: return " ".join(str(name).lower().replace("_", " ").split())
@@ -636,11 +636,9 @@ def target_tumor_label(condition) -> int|None:
     return t
 
 # %% ../nbs/00f_masks.ipynb #ab7b6269
-MASK_LATENT_SHAPE = [4, 64, 64, 64]  # MAISI's mask generator: 4 channels, 64³ latent of a 256³ mask
-
 def mask_latent_shape(config:dict) -> list:
-    "A network configuration's `mask_generation_latent_shape` (MAISI's [4, 64, 64, 64] where it names none)."
-    return list(config.get("mask_generation_latent_shape", MASK_LATENT_SHAPE))
+    "A network configuration's `mask_generation_latent_shape` (MAISI's, [4, 64, 64, 64], where it names none)."
+    return list(config.get("mask_generation_latent_shape", MAISI_DDPM["mask_generation_latent_shape"]))
 
 def mask_generator_spacing(latent_shape) -> float:
     "mm per voxel of a mask generator's output: MAISI's 256³ masks (latent 64³) span 384 mm; a smaller generator spans the same."
